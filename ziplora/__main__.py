@@ -1,0 +1,3 @@
+from ziplora.cli import main
+
+raise SystemExit(main())
