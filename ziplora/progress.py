@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["StepRecord", "Progress", "ConsoleProgress", "ProgressState"]
@@ -38,6 +39,19 @@ class Progress:
         self.records: list[StepRecord] = []
         self.stage_started = time.monotonic()
         self.job_started = time.monotonic()
+        self._listeners: list[Callable[[Progress], None]] = []
+        self._interrupt_sources: list[Callable[[], bool]] = []
+
+    # -- hooks for hosts (A1111/Forge mirror this into shared.state and read its Interrupt flag) ----------
+    def add_listener(self, listener: "Callable[[Progress], None]") -> Callable[[], None]:
+        """Call ``listener(self)`` on every change; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def add_interrupt_source(self, source: "Callable[[], bool]") -> Callable[[], None]:
+        """Also stop when ``source()`` is true; returns a function that removes it."""
+        self._interrupt_sources.append(source)
+        return lambda: self._interrupt_sources.remove(source) if source in self._interrupt_sources else None
 
     # -- reported by the job ----------------------------------------------------------------------------
     def begin_stage(self, stage: str, total: int) -> None:
@@ -58,6 +72,8 @@ class Progress:
             self.records.append(rec)
 
     def interrupted(self) -> bool:
+        if not self._interrupt.is_set() and any(source() for source in list(self._interrupt_sources)):
+            self._interrupt.set()
         return self._interrupt.is_set()
 
     # -- asked by the user ----------------------------------------------------------------------------------
@@ -77,7 +93,9 @@ class Progress:
             return ProgressState(self.stage, self.done, self.total, self.text, eta, list(self.records))
 
     def on_change(self) -> None:
-        """Hook for subclasses (console line, WebUI shared.state)."""
+        """Called on every change: tells the listeners; subclasses draw (the console line)."""
+        for listener in list(self._listeners):
+            listener(self)
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,7 @@ class ConsoleProgress(Progress):
         self._open = False
 
     def on_change(self) -> None:
+        super().on_change()
         if self.quiet:
             return
         now = time.monotonic()

@@ -9,7 +9,7 @@ and must undo them all on exit, whatever happened.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,6 +96,15 @@ class Host(Protocol):
     def after_write(self, path: Path) -> None:
         """Make a new or rewritten file usable at once (refresh lists, drop caches of that path)."""
 
+    def job(self, progress: Progress) -> AbstractContextManager[None]:
+        """Wrap one whole job (merge, preview, rewrite): the host's queue lock, its progress bar and its
+        Interrupt button (A1111/Forge ``shared.state``), all released or undone on exit."""
+
+    def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:
+        """Images [len(prompts), 3, H, W] in [0, 1] with the LoRA stack applied, one seed for every prompt.
+
+        Called inside ``job``; the WebUIs render through their own txt2img, nothing saved to outputs."""
+
 
 def resolve_in_roots(roots: dict[str, nn.Module], key: LayerKey) -> tuple[nn.Module, str]:
     """Default resolver: the key's path inside ``roots[component]``."""
@@ -156,3 +165,9 @@ class FilesHost:
 
     def after_write(self, path: Path) -> None:
         pass
+
+    def job(self, progress: Progress) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:
+        raise HostError("previews need a model: use the WebUI tab or the toy host")

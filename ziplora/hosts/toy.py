@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -134,3 +134,16 @@ class ToyHost:
 
     def after_write(self, path: Path) -> None:
         self.refreshed.append(path)
+
+    def job(self, progress: Progress) -> nullcontext[None]:
+        return nullcontext()
+
+    def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:
+        from ziplora.merge.patch import patch_layers
+        from ziplora.preview import sample_images, stack_parts
+
+        with self.session(SessionOptions(), progress) as session:
+            parts = stack_parts(loras, self.families, session.device, session.dtype)
+            with patch_layers(session.resolve, parts, session.device) as patches:
+                patches.set_mode("merged")
+                return sample_images(session, prompts, seed, 25, session.default_guidance, 32, 32)
