@@ -58,10 +58,9 @@ def test_fused_and_side_forms_agree_and_modes_switch(toy_host, lora_dir: Path) -
         cond = session.encode(["a sks shape", "a shape in zwx style"])
         base = session.predict(x, t, cond)
         for form in ("fused", "side"):
-            parts, mergers = build_parts(factors, session.device, session.dtype)
+            parts, bank = build_parts(factors, session.device, session.dtype)
             with torch.no_grad():
-                for mc, ms in mergers.values():
-                    mc.mul_(0.5)
+                bank.m_c.mul_(0.5)
             with patch_layers(session.resolve, parts, session.device, form) as patches:
                 for mode in ("merged", "content", "style", "base"):
                     patches.set_mode(mode)
@@ -76,7 +75,7 @@ def test_fused_and_side_forms_agree_and_modes_switch(toy_host, lora_dir: Path) -
 def test_optimiser_lowers_the_loss_and_moves_the_mergers(toy_host, lora_dir: Path) -> None:
     factors = _factors(lora_dir)
     with toy_host.session(SessionOptions(), Progress()) as session:
-        parts, mergers = build_parts(factors, session.device, session.dtype)
+        parts, bank = build_parts(factors, session.device, session.dtype)
         with patch_layers(session.resolve, parts, session.device, "fused") as patches:
             inputs = _inputs(session, patches)
             # the loss on every training state, at the start and at the end
@@ -91,7 +90,7 @@ def test_optimiser_lowers_the_loss_and_moves_the_mergers(toy_host, lora_dir: Pat
                     return total
 
             start = full_loss()
-            result = optimize_mergers(session.predict, patches, mergers, inputs, ZipOptions(steps=60, stop_similarity=0.0), Progress())
+            result = optimize_mergers(session.predict, patches, bank, inputs, ZipOptions(steps=60, stop_similarity=0.0), Progress())
             end = full_loss()
     assert result.steps_run == 60
     assert end < 0.8 * start, (start, end)
@@ -102,13 +101,30 @@ def test_optimiser_lowers_the_loss_and_moves_the_mergers(toy_host, lora_dir: Pat
     assert set(result.cos_before) == set(result.cos_after) == {k for k, (c, s) in factors.items() if c is not None and s is not None}
 
 
+def test_the_bank_computes_what_the_per_layer_definition_says() -> None:
+    from ziplora.merge import MergerBank
+
+    widths = {LayerKey("unet", f"l{i}"): w for i, w in enumerate((3, 5, 8))}
+    bank = MergerBank(widths, torch.device("cpu"))
+    with torch.no_grad():
+        bank.m_c.copy_(torch.randn(bank.total))
+        bank.m_s.copy_(torch.randn(bank.total))
+    pairs = [(v[0](), v[1]()) for v in (bank.views(k) for k in widths)]
+    for kind in ("dot", "cos"):
+        expected = sum(float(layer_similarity(c.detach(), s.detach(), kind)) for c, s in pairs)
+        assert float(bank.similarity(kind)) == pytest.approx(expected, rel=1e-5)
+    assert bank.layer_cos().tolist() == pytest.approx([float(layer_similarity(c, s, "cos")) for c, s in pairs], rel=1e-5)
+    saved = bank.to_dict()
+    assert torch.equal(saved[LayerKey("unet", "l1")][0], bank.m_c.detach()[3:8])
+
+
 def test_the_public_implementations_learning_rate_leaves_the_mergers_at_one(toy_host, lora_dir: Path) -> None:
     factors = _factors(lora_dir)
     with toy_host.session(SessionOptions(), Progress()) as session:
-        parts, mergers = build_parts(factors, session.device, session.dtype)
+        parts, bank = build_parts(factors, session.device, session.dtype)
         with patch_layers(session.resolve, parts, session.device) as patches:
             inputs = _inputs(session, patches)
-            result = optimize_mergers(session.predict, patches, mergers, inputs, ZipOptions(steps=100, lr=5e-5, stop_similarity=0.0), Progress())
+            result = optimize_mergers(session.predict, patches, bank, inputs, ZipOptions(steps=100, lr=5e-5, stop_similarity=0.0), Progress())
     deviation = max(float((m - 1).abs().max()) for pair in result.mergers.values() for m in pair)
     assert deviation <= 0.01  # 100 Adam steps of 5e-5: a plain sum, as mkshing/ziplora-pytorch produces
     assert deviation > 0
@@ -122,12 +138,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(toy_host, lora_dir: Pat
         t = torch.tensor([10, 900])
         cond = session.encode(["a", "b"])
         for enabled in (False, True):
-            parts, mergers = build_parts(factors, session.device, session.dtype)
+            parts, bank = build_parts(factors, session.device, session.dtype)
             with patch_layers(session.resolve, parts, session.device) as patches, checkpointed(session.checkpoint_blocks(), enabled) as n:
                 assert n == (len(session.checkpoint_blocks()) if enabled else 0)
                 patches.set_mode("merged")
                 session.predict(x, t, cond).square().sum().backward()
-                grads.append(torch.cat([m.grad.flatten() for pair in mergers.values() for m in pair]))
+                grads.append(torch.cat([bank.m_c.grad, bank.m_s.grad]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
     assert all("forward" not in b.__dict__ for b in session.checkpoint_blocks())

@@ -129,8 +129,9 @@ def _optimise(
         def trainable(key: LayerKey) -> bool:
             return key.component == "unet" or (request.merge_text_encoders and session.text_encoder_grad)
 
-        parts, mergers = build_parts(factors, session.device, session.dtype, trainable)
-        patches = stack.enter_context(patch_layers(session.resolve, parts, session.device, request.form))
+        parts, bank = build_parts(factors, session.device, session.dtype, trainable)
+        fusable = getattr(session, "fusable", None)  # optional: a host may veto the fused form per layer
+        patches = stack.enter_context(patch_layers(session.resolve, parts, session.device, request.form, fusable))
         stack.enter_context(checkpointed(session.checkpoint_blocks(), request.gradient_checkpointing))
         resolution = request.resolution or session.default_resolution
         guidance = session.default_guidance if request.guidance is None else request.guidance
@@ -145,7 +146,7 @@ def _optimise(
         else:
             inputs = data_free_inputs(session, patches, prompts[0], prompts[1], options, progress)
         timings["inputs"] = time.perf_counter() - t0
-        te_merged = any(k.component != "unet" for k in mergers)
+        te_merged = any(k.component != "unet" for k in bank.keys)
         zip_options = ZipOptions(
             steps=request.steps,
             lr=request.lr,
@@ -156,7 +157,7 @@ def _optimise(
             seed=request.seed,
         )
         result = optimize_mergers(
-            session.predict, patches, mergers, inputs, zip_options, progress, encode=session.encode if te_merged else None
+            session.predict, patches, bank, inputs, zip_options, progress, encode=session.encode if te_merged else None
         )
         timings["optimise"] = result.seconds
         return result

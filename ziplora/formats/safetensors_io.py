@@ -277,6 +277,7 @@ def atomic_write(path: Path, body: Callable[[BinaryIO], None], overwrite: bool =
             body(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; a LoRA is an ordinary file
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -284,6 +285,15 @@ def atomic_write(path: Path, body: Callable[[BinaryIO], None], overwrite: bool =
         except FileNotFoundError:
             pass
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
 def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = False) -> None:

@@ -14,8 +14,9 @@ __all__ = ["webui_host", "running_in_forge"]
 
 
 def running_in_forge() -> bool:
-    """Forge 2 ships ``backend`` (memory_management, patcher) and ``modules_forge``; A1111 has neither."""
-    return importlib.util.find_spec("backend") is not None and importlib.util.find_spec("modules_forge") is not None
+    """Any Forge ships ``modules_forge``; A1111 does not. Old Forge and the forks get ForgeHost too, which
+    refuses them with a clear message instead of half-working as if they were A1111."""
+    return importlib.util.find_spec("modules_forge") is not None
 
 
 def webui_host() -> Host:

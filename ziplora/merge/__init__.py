@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ziplora.merge.loss import mean_abs_cos, reconstruction, similarity_term
-from ziplora.merge.optimize import MergerMovement, NonFiniteLoss, ZipOptions, ZipResult, build_parts, optimize_mergers
+from ziplora.merge.loss import layer_similarity, reconstruction
+from ziplora.merge.optimize import MergerBank, MergerMovement, NonFiniteLoss, ZipOptions, ZipResult, build_parts, optimize_mergers
 from ziplora.merge.patch import MODES, Part, PatchSet, ZipLayer, patch_layers
 
 __all__ = [
-    "mean_abs_cos",
+    "layer_similarity",
     "reconstruction",
-    "similarity_term",
+    "MergerBank",
     "MergerMovement",
     "NonFiniteLoss",
     "ZipOptions",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["reconstruction", "layer_similarity", "similarity_term", "mean_abs_cos", "SIMILARITIES", "REDUCTIONS"]
+__all__ = ["reconstruction", "layer_similarity", "SIMILARITIES", "REDUCTIONS"]
 
 SIMILARITIES = ("dot", "cos")
 REDUCTIONS = ("sum", "mean")
@@ -27,21 +27,10 @@ def reconstruction(pred: torch.Tensor, target: torch.Tensor, reduction: str = "s
 
 
 def layer_similarity(m_c: torch.Tensor, m_s: torch.Tensor, kind: str = "dot") -> torch.Tensor:
-    """One layer's similarity: ``|m_c·m_s|`` ("dot") or ``|cos(m_c, m_s)|`` ("cos")."""
+    """One layer's similarity: ``|m_c·m_s|`` ("dot") or ``|cos(m_c, m_s)|`` ("cos").
+
+    The reference definition; the optimisation computes all layers at once (``MergerBank.similarity``).
+    """
     if kind == "cos":
         return torch.nn.functional.cosine_similarity(m_c, m_s, dim=0, eps=1e-8).abs()
     return (m_c * m_s).sum().abs()
-
-
-def similarity_term(pairs: list[tuple[torch.Tensor, torch.Tensor]], kind: str = "dot") -> torch.Tensor:
-    if not pairs:
-        return torch.zeros(())
-    return torch.stack([layer_similarity(c, s, kind) for c, s in pairs]).sum()
-
-
-@torch.no_grad()
-def mean_abs_cos(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The stop criterion and the figure we report: mean over layers of |cos(m_c, m_s)|."""
-    if not pairs:
-        return 0.0
-    return float(torch.stack([layer_similarity(c.float(), s.float(), "cos") for c, s in pairs]).mean())

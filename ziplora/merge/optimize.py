@@ -14,14 +14,14 @@ from ziplora.errors import JobFailed, JobInterrupted
 from ziplora.formats.keys import LayerKey
 from ziplora.formats.layers import Factors
 from ziplora.inputs import TrainingInputs
-from ziplora.merge.loss import layer_similarity, mean_abs_cos, reconstruction, similarity_term
-from ziplora.merge.patch import Part, PatchSet
+from ziplora.merge.loss import reconstruction
+from ziplora.merge.patch import MergerView, Part, PatchSet
 from ziplora.progress import Progress, StepRecord
 from ziplora.schedule import Cond, cond_cat
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ZipOptions", "ZipResult", "MergerMovement", "NonFiniteLoss", "build_parts", "optimize_mergers"]
+__all__ = ["ZipOptions", "ZipResult", "MergerMovement", "MergerBank", "NonFiniteLoss", "build_parts", "optimize_mergers"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ZipOptions:
     reduction: str = "sum"  # squared error summed over a sample's elements ("sum") or averaged ("mean")
     stop_similarity: float = 0.01  # stop once mean |cos(m_c, m_s)| over layers falls below this
     seed: int = 0
+    capture: str = "auto"  # "auto": capture the step in a CUDA graph where possible; "off": always eager
 
 
 class NonFiniteLoss(JobFailed):
@@ -70,6 +71,7 @@ class ZipResult:
     stop_reason: str
     seconds: float
     forms: dict[str, int] = field(default_factory=dict)
+    step_mode: str = "eager"  # "cuda graph" or "eager" (and why)
 
     @property
     def final_similarity(self) -> float:
@@ -80,34 +82,91 @@ class ZipResult:
         return sum(self.cos_before.values()) / max(1, len(self.cos_before))
 
 
+class MergerBank:
+    """Every merger vector of a job in two flat fp32 leaves (m_c and m_s), with per-layer slices.
+
+    Keeps Adam to two parameters and makes the similarity term and the stop criterion segment sums.
+    """
+
+    def __init__(self, widths: dict[LayerKey, int], device: torch.device) -> None:
+        self.keys = list(widths)
+        self.offsets: dict[LayerKey, tuple[int, int]] = {}
+        start = 0
+        segments = []
+        for i, key in enumerate(self.keys):
+            self.offsets[key] = (start, start + widths[key])
+            segments.append(torch.full((widths[key],), i, dtype=torch.long))
+            start += widths[key]
+        self.total = start
+        self.m_c = torch.ones(start, device=device, dtype=torch.float32, requires_grad=True)
+        self.m_s = torch.ones(start, device=device, dtype=torch.float32, requires_grad=True)
+        self.segment = (torch.cat(segments) if segments else torch.zeros(0, dtype=torch.long)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def views(self, key: LayerKey) -> tuple[MergerView, MergerView]:
+        a, b = self.offsets[key]
+        return MergerView(self.m_c, a, b), MergerView(self.m_s, a, b)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.m_c, self.m_s] if self.keys else []
+
+    def _sums(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(self.keys), device=values.device, dtype=values.dtype).index_add_(0, self.segment, values)
+
+    def similarity(self, kind: str) -> torch.Tensor:
+        """Σ over layers of |m_c·m_s| ("dot") or |cos(m_c, m_s)| ("cos"), differentiable."""
+        dots = self._sums(self.m_c * self.m_s)
+        if kind == "cos":
+            norms = (self._sums(self.m_c.square()) * self._sums(self.m_s.square())).clamp_min(1e-16).sqrt()
+            return (dots / norms).abs().sum()
+        return dots.abs().sum()
+
+    @torch.no_grad()
+    def layer_cos(self) -> torch.Tensor:
+        dots = self._sums(self.m_c * self.m_s)
+        norms = (self._sums(self.m_c.square()) * self._sums(self.m_s.square())).clamp_min(1e-16).sqrt()
+        return (dots / norms).abs()
+
+    @torch.no_grad()
+    def per_layer_cos(self) -> dict[LayerKey, float]:
+        return dict(zip(self.keys, self.layer_cos().cpu().tolist()))
+
+    @torch.no_grad()
+    def to_dict(self) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
+        mc, ms = self.m_c.detach().float().cpu(), self.m_s.detach().float().cpu()
+        return {k: (mc[a:b].clone(), ms[a:b].clone()) for k, (a, b) in self.offsets.items()}
+
+
 def build_parts(
     factors: dict[LayerKey, tuple[Factors | None, Factors | None]],
     device: torch.device,
     dtype: torch.dtype,
     trainable: Callable[[LayerKey], bool] = lambda key: True,
-) -> tuple[dict[LayerKey, tuple[Part | None, Part | None]], dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]]:
-    """Parts on the device, and fp32 merger vectors (starting at 1) for every layer both sources touch."""
+) -> tuple[dict[LayerKey, tuple[Part | None, Part | None]], MergerBank]:
+    """Parts on the device, and the merger bank (all ones) for every trainable layer both sources touch."""
+    widths = {
+        key: fc.shape[1]
+        for key, (fc, fs) in factors.items()
+        if fc is not None and fs is not None and trainable(key)
+    }
+    bank = MergerBank(widths, device)
     parts: dict[LayerKey, tuple[Part | None, Part | None]] = {}
-    mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, (fc, fs) in factors.items():
-        mc = ms = None
-        if fc is not None and fs is not None and trainable(key):
-            width = fc.shape[1]
-            mc = torch.ones(width, device=device, dtype=torch.float32, requires_grad=True)
-            ms = torch.ones(width, device=device, dtype=torch.float32, requires_grad=True)
-            mergers[key] = (mc, ms)
+        mc, ms = bank.views(key) if key in widths else (None, None)
         parts[key] = (
             None if fc is None else Part.from_factors(fc, device, dtype, mc),
             None if fs is None else Part.from_factors(fs, device, dtype, ms),
         )
-    return parts, mergers
+    return parts, bank
 
 
 def _movement(mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]) -> MergerMovement:
     if not mergers:
         return MergerMovement(0.0, 0.0, 0.0, 0.0)
-    mc = torch.cat([m[0].detach().float().flatten().cpu() for m in mergers.values()])
-    ms = torch.cat([m[1].detach().float().flatten().cpu() for m in mergers.values()])
+    mc = torch.cat([m[0].flatten() for m in mergers.values()])
+    ms = torch.cat([m[1].flatten() for m in mergers.values()])
     return MergerMovement(
         float((mc - 1).abs().mean()),
         float((ms - 1).abs().mean()),
@@ -116,15 +175,74 @@ def _movement(mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]) -> Mer
     )
 
 
-@torch.no_grad()
-def _per_layer_cos(mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]) -> dict[LayerKey, float]:
-    return {k: float(layer_similarity(c.float(), s.float(), "cos")) for k, (c, s) in mergers.items()}
+class _Step:
+    """One optimisation step: forward, loss, backward, Adam. Eager, or replayed from a CUDA graph.
+
+    On CUDA the whole step is captured once (static input buffers, a capturable Adam) after a few eager
+    warm-up steps, which removes the CPU launch overhead that dominates SDXL-sized steps; if capture fails
+    for any reason the job goes on eagerly and says why.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, predict: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor], bank: MergerBank,
+                 options: ZipOptions, device: torch.device) -> None:  # fmt: skip
+        self.predict, self.bank, self.options = predict, bank, options
+        self.want_graph = options.capture == "auto" and device.type == "cuda" and torch.cuda.is_available()
+        self.opt = torch.optim.Adam(bank.params(), lr=options.lr, capturable=self.want_graph)
+        self.mode = "eager" if not self.want_graph else "eager (warming up)"
+        self.graph: object | None = None
+        self.static: dict[str, object] = {}
+        self.calls = 0
+
+    def _eager(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            pred = self.predict(x, t, cond)
+            loss_c = reconstruction(pred[:1], y[:1], self.options.reduction)
+            loss_s = reconstruction(pred[1:], y[1:], self.options.reduction)
+            sim = self.bank.similarity(self.options.similarity)
+            loss = loss_c + loss_s + self.options.lam * sim
+        self.opt.zero_grad(set_to_none=not self.want_graph)
+        loss.backward()
+        self.opt.step()
+        self.dtype = pred.dtype
+        return torch.stack([loss_c.detach(), loss_s.detach(), sim.detach(), loss.detach()])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.graph is not None:
+            for name, value in (("x", x), ("t", t), ("y", y), *((f"c.{k}", v) for k, v in cond.items())):
+                self.static[name].copy_(value)  # type: ignore[attr-defined]
+            self.graph.replay()  # type: ignore[attr-defined]
+            return self.static["out"].clone()  # type: ignore[attr-defined]
+        if not self.want_graph or self.calls <= self.WARMUP:
+            return self._eager(x, t, cond, y)
+        try:
+            return self._capture(x, t, cond, y)
+        except Exception as err:  # noqa: BLE001 - any capture failure means: go on eagerly
+            log.warning("CUDA graph capture failed (%s); continuing eagerly", err)
+            self.want_graph = False
+            self.graph = None
+            self.mode = f"eager (capture failed: {type(err).__name__})"
+            return self._eager(x, t, cond, y)
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, y: torch.Tensor) -> torch.Tensor:
+        static = {"x": x.clone(), "t": t.clone(), "y": y.clone(), **{f"c.{k}": v.clone() for k, v in cond.items()}}
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=False)
+        with torch.cuda.graph(graph):
+            static_cond = {k: static[f"c.{k}"] for k in cond}
+            static["out"] = self._eager(static["x"], static["t"], static_cond, static["y"])  # type: ignore[arg-type]
+        self.graph, self.static = graph, static
+        self.mode = "cuda graph"
+        graph.replay()
+        return static["out"].clone()  # type: ignore[attr-defined]
 
 
 def optimize_mergers(
     predict: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor],
     patches: PatchSet,
-    mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]],
+    bank: MergerBank,
     inputs: TrainingInputs,
     options: ZipOptions,
     progress: Progress,
@@ -136,17 +254,16 @@ def optimize_mergers(
     merged encoders at every step, so their mergers learn too.
     """
     t0 = time.perf_counter()
-    pairs = list(mergers.values())
-    cos_before = _per_layer_cos(mergers)
-    params = [p for pair in pairs for p in pair]
+    cos_before = bank.per_layer_cos()
     history: list[StepRecord] = []
     stop_reason = "step limit"
     steps_run = 0
-    if not params:
+    if not len(bank):
         stop_reason = "no layer is touched by both LoRAs: nothing to learn"
         progress.begin_stage("Optimising the mergers", 0)
     else:
-        opt = torch.optim.Adam(params, lr=options.lr)
+        device = bank.m_c.device
+        step_fn = _Step(predict, bank, options, device)
         gen = torch.Generator().manual_seed(options.seed)
         progress.begin_stage("Optimising the mergers", options.steps)
         patches.set_mode("merged")
@@ -160,37 +277,36 @@ def optimize_mergers(
             xs, ts, ys, cs = s.batch(si.to(s.x_t.device))
             if encode is not None:
                 cc, cs = encode([c.prompt]), encode([s.prompt])
-            with torch.enable_grad():
-                pred = predict(torch.cat([xc, xs]), torch.cat([tc, ts]), cond_cat([cc, cs]))
-                loss_c = reconstruction(pred[:1], yc, options.reduction)
-                loss_s = reconstruction(pred[1:], ys, options.reduction)
-                sim = similarity_term(pairs, options.similarity)
-                loss = loss_c + loss_s + options.lam * sim
-            total = float(loss.detach())
-            if not math.isfinite(total):
-                precision = str(pred.dtype).replace("torch.", "")
-                raise NonFiniteLoss(f"the loss became {total} at step {step + 1} ({precision} overflow)", pred.dtype)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                step_fn.want_graph = False  # prompts re-encoded through the merged encoders: not capturable
+            before = (bank.m_c.detach().clone(), bank.m_s.detach().clone())
+            parts = step_fn(torch.cat([xc, xs]), torch.cat([tc, ts]), cond_cat([cc, cs]), torch.cat([yc, ys])).tolist()
+            loss_c, loss_s, sim, total = parts
+            if not all(math.isfinite(v) for v in parts):
+                with torch.no_grad():  # undo the step that saw the overflow, then stop
+                    bank.m_c.copy_(before[0])
+                    bank.m_s.copy_(before[1])
+                dtype = getattr(step_fn, "dtype", torch.float32)
+                precision = str(dtype).replace("torch.", "")
+                raise NonFiniteLoss(f"the loss became {total} at step {step + 1} ({precision} overflow)", dtype)
             steps_run = step + 1
-            mean_cos = mean_abs_cos(pairs)
-            rec = StepRecord(steps_run, float(loss_c.detach()), float(loss_s.detach()), float(sim.detach()), total, mean_cos)
+            mean_cos = float(bank.layer_cos().mean())
+            rec = StepRecord(steps_run, loss_c, loss_s, sim, total, mean_cos)
             history.append(rec)
             progress.record(rec)
             progress.advance(steps_run, f"loss {total:.4g}, mean |cos| {mean_cos:.3f}")
             if mean_cos < options.stop_similarity:
                 stop_reason = f"mean |cos(m_c, m_s)| fell below {options.stop_similarity}"
                 break
-    out = {k: (c_.detach().float().cpu().clone(), s_.detach().float().cpu().clone()) for k, (c_, s_) in mergers.items()}
+    out = bank.to_dict()
     return ZipResult(
         mergers=out,
         history=history,
         cos_before=cos_before,
-        cos_after=_per_layer_cos(mergers),
-        movement=_movement(mergers),
+        cos_after=bank.per_layer_cos(),
+        movement=_movement(out),
         steps_run=steps_run,
         stop_reason=stop_reason,
         seconds=time.perf_counter() - t0,
         forms=patches.form_counts(),
+        step_mode=step_fn.mode if len(bank) else "none",
     )

@@ -34,6 +34,22 @@ __all__ = ["Part", "ZipLayer", "PatchSet", "patch_layers", "MODES", "layer_geome
 MODES = ("merged", "content", "style", "base")
 
 
+class MergerView:
+    """One layer's merger vector: a fresh slice of a flat fp32 parameter at every use.
+
+    All mergers of a job live in two flat tensors (``MergerBank``), so Adam, the similarity term and the
+    stop criterion are a few kernels, not thousands; slicing anew each forward keeps autograd simple.
+    """
+
+    __slots__ = ("flat", "start", "stop")
+
+    def __init__(self, flat: torch.Tensor, start: int, stop: int) -> None:
+        self.flat, self.start, self.stop = flat, start, stop
+
+    def __call__(self) -> torch.Tensor:
+        return self.flat[self.start : self.stop]
+
+
 @dataclass
 class Part:
     """One source's factors on the job's device and dtype, and its merger (None: fixed at 1)."""
@@ -41,10 +57,10 @@ class Part:
     up: torch.Tensor  # [out, r]
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]; with mid: [r', in]
     mid: torch.Tensor | None
-    merger: torch.Tensor | None  # fp32 [in], a leaf with requires_grad during optimisation
+    merger: MergerView | None  # fp32 [in], learned during optimisation
 
     @staticmethod
-    def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: torch.Tensor | None) -> "Part":
+    def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: MergerView | None) -> "Part":
         return Part(
             f.up.to(device, dtype),
             f.down.to(device, dtype),
@@ -56,7 +72,7 @@ class Part:
         down = self.down if self.down.dtype == x_dtype else self.down.to(x_dtype)
         if use_merger and self.merger is not None:
             shape = (1, -1) + (1,) * (down.dim() - 2)
-            down = down * self.merger.to(x_dtype).reshape(shape)
+            down = down * self.merger().to(x_dtype).reshape(shape)
         return down
 
     def delta(self, dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
@@ -104,6 +120,12 @@ class ZipLayer(nn.Module):
         self.form = form  # fused | side
         self.geometry = geometry  # linear | conv
         self.mode = "merged"
+        self._up_cat: torch.Tensor | None = None
+        if content is not None and style is not None and content.mid is None and style.mid is None and form == "fused":
+            # keep both up factors in one tensor and let the parts view into it: no extra memory
+            self._up_cat = torch.cat([content.up, style.up], dim=1)
+            r = content.up.shape[1]
+            content.up, style.up = self._up_cat[:, :r], self._up_cat[:, r:]
 
     def _active(self) -> list[tuple[Part, bool]]:
         if self.mode == "merged":
@@ -130,8 +152,14 @@ class ZipLayer(nn.Module):
         if self.form == "fused":
             weight = self.base.weight
             w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-            for part, use_merger in active:
-                w = w + part.delta(x.dtype, use_merger)
+            if len(active) == 2 and self._up_cat is not None:
+                # both sources in one matmul: [B_c | B_s] @ [A_c * m_c ; A_s * m_s]
+                up = self._up_cat if self._up_cat.dtype == x.dtype else self._up_cat.to(x.dtype)
+                down = torch.cat([p.scaled_down(x.dtype, m) for p, m in active])
+                w = w + (up @ down if down.dim() == 2 else torch.einsum("or,rikl->oikl", up, down))
+            else:
+                for part, use_merger in active:
+                    w = w + part.delta(x.dtype, use_merger)
             bias = getattr(self.base, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
@@ -147,7 +175,7 @@ class ZipLayer(nn.Module):
     def _side(self, part: Part, x: torch.Tensor, use_merger: bool) -> torch.Tensor:
         dtype = x.dtype
         up = part.up.to(dtype)
-        m = part.merger.to(dtype) if use_merger and part.merger is not None else None
+        m = part.merger().to(dtype) if use_merger and part.merger is not None else None
         if self.geometry == "linear":
             h = x * m if m is not None else x
             return F.linear(F.linear(h, part.down.to(dtype)), up)
@@ -202,7 +230,8 @@ def patch_layers(
     """Swap every targeted module for a ``ZipLayer``; always put the originals back, whatever happens.
 
     ``resolve(key)`` gives (parent module, attribute name). ``form`` is "fused", "side" or "auto" (fused
-    where the weight allows it). Raises ``HostError`` when a key names no Linear/conv or shapes differ.
+    where the weight allows it); ``fusable(module)`` lets the host veto the fused form per layer (Forge's
+    fp8 / NF4 / GGUF layers). Raises ``HostError`` when a key names no Linear/conv or shapes differ.
     """
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     layers: dict[LayerKey, ZipLayer] = {}
@@ -214,7 +243,8 @@ def patch_layers(
                 raise HostError(f"{key.path} is already patched (a previous job did not finish)")
             geometry = layer_geometry(base)
             weight = getattr(base, "weight", None)
-            if geometry is None and not (form != "fused" and _quantised_linear(base)):
+            quantised = geometry is None and _quantised_linear(base)
+            if geometry is None and not quantised:
                 raise HostError(f"{key} is not a Linear or conv layer this merge can patch ({type(base).__name__})")
             ref = content or style
             assert ref is not None
@@ -222,15 +252,22 @@ def patch_layers(
                 geometry = "linear"
             out_f = ref.up.shape[0]
             in_f = ref.down.shape[1]
-            if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and (weight.shape[0] != out_f or weight.shape[1] != in_f):
+            # a quantised weight's storage shape is not the layer's shape (NF4 packs it): ask the layer instead
+            model_shape = (
+                (int(base.out_features), int(base.in_features)) if quantised  # type: ignore[arg-type]
+                else tuple(weight.shape[:2]) if isinstance(weight, torch.Tensor) and weight.dim() >= 2
+                else None
+            )  # fmt: skip
+            if model_shape is not None and model_shape != (out_f, in_f):
                 raise HostError(
                     f"{key.path}: the LoRA's delta is {out_f}x{in_f} but the model's layer is "
-                    f"{weight.shape[0]}x{weight.shape[1]} (a LoRA for another model?)"
+                    f"{model_shape[0]}x{model_shape[1]} (a LoRA for another model?)"
                 )
+            fuse_ok = fusable or (lambda m: can_fuse(m, device))
             chosen = form
             if form == "auto":
-                chosen = "fused" if (fusable or (lambda m: can_fuse(m, device)))(base) else "side"
-            elif form == "fused" and not can_fuse(base, device):
+                chosen = "fused" if fuse_ok(base) else "side"
+            elif form == "fused" and not (can_fuse(base, device) and fuse_ok(base)):
                 chosen = "side"
             wrapper = ZipLayer(key, base, content, style, chosen, geometry)
             setattr(parent, attr, wrapper)

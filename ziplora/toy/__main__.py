@@ -1,0 +1,3 @@
+from ziplora.toy.build import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""``python -m ziplora bench quality``: does ZipLoRA beat what users do by hand, on the toy world?
+
+For every bundled subject x style pair: the direct merge (1, 1); the best weighted sum on the grid
+{0.5, 0.75, 1.0}^2 picked per pair by the scorers (an oracle-tuned sum: the strongest thing a user does by
+hand); ZipLoRA at the paper's settings with |m_c·m_s| and with |cos| as the similarity term. Metrics: the
+share of "subject in style" images whose subject, style, and both, the scorers get right; and retention:
+the subject alone and the style alone through each merged LoRA, as a share of the single LoRA's score.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ziplora.jobs import run_merge
+from ziplora.progress import Progress
+from ziplora.request import MergeRequest
+
+__all__ = ["main", "run_quality"]
+
+WEIGHTS = (0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+
+
+METHODS = (
+    Method("direct", "direct merge (1, 1)"),
+    Method("weighted", "best weighted sum (oracle)"),
+    Method("zip_dot", "ZipLoRA, |m_c·m_s| (default)"),
+    Method("zip_cos", "ZipLoRA, |cos(m_c, m_s)|"),
+)
+
+
+def _evaluate(host, scorers, stack, subj, sty, seeds) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from ziplora.toy.catalog import both_prompt
+    from ziplora.toy.evaluate import render_stack, score_images
+
+    prompts = [both_prompt(subj, sty), subj.prompt, sty.prompt]
+    images = render_stack(host, stack, prompts, seeds).reshape(3, len(seeds), 3, 32, 32)
+    return {
+        "both": score_images(images[0], scorers, subj.concept, sty.concept).as_dict(),
+        "subject_alone": score_images(images[1], scorers, subj.concept, None).as_dict(),
+        "style_alone": score_images(images[2], scorers, None, sty.concept).as_dict(),
+    }
+
+
+def _key(result: dict[str, Any]) -> tuple[float, float]:
+    both = result["both"]
+    return (both["both_right"], both["subject_probability"] + both["style_probability"])
+
+
+def run_quality(quick: bool = False, steps: int = 100, seeds_per_cell: int = 16, log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from ziplora.hosts.toy import ToyHost
+    from ziplora.toy.assets import LORA_DIR, load_scorers
+    from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS
+
+    t_start = time.perf_counter()
+    scorers = load_scorers()
+    host = ToyHost(LORA_DIR)
+    seeds = list(range(2000, 2000 + (4 if quick else seeds_per_cell)))
+    pairs = list(product(SUBJECT_LORAS, STYLE_LORAS))[: 1 if quick else None]
+    work = Path(tempfile.mkdtemp(prefix="ziplora-quality-"))
+    rows: list[dict[str, Any]] = []
+    for subj, sty in pairs:
+        t_pair = time.perf_counter()
+        c_path, s_path = LORA_DIR / f"{subj.name}.safetensors", LORA_DIR / f"{sty.name}.safetensors"
+        # retention references: the subject LoRA alone on the subject prompt, the style LoRA alone on the style prompt
+        ref_subject = _evaluate(host, scorers, [(c_path, 1.0)], subj, sty, seeds)["subject_alone"]
+        ref_style = _evaluate(host, scorers, [(s_path, 1.0)], subj, sty, seeds)["style_alone"]
+        results: dict[str, dict[str, Any]] = {}
+        results["direct"] = _evaluate(host, scorers, [(c_path, 1.0), (s_path, 1.0)], subj, sty, seeds)
+        grid = {(a, b): _evaluate(host, scorers, [(c_path, a), (s_path, b)], subj, sty, seeds) for a, b in product(WEIGHTS, WEIGHTS)}
+        best = max(grid, key=lambda ab: _key(grid[ab]))
+        results["weighted"] = {**grid[best], "weights": list(best)}
+        zip_info = {}
+        for name, similarity in (("zip_dot", "dot"), ("zip_cos", "cos")):
+            outcome = run_merge(
+                MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", steps=steps, similarity=similarity,
+                             overwrite=True, content_prompt=subj.prompt, style_prompt=sty.prompt),
+                host, Progress(), output_dir=work,
+            )  # fmt: skip
+            z = outcome.zip
+            assert z is not None
+            zip_info[name] = {"steps": z.steps_run, "similarity_after": z.final_similarity, "movement": z.movement.mean_abs_change,
+                              "share_below_0_1": (z.movement.share_below_0_1_content + z.movement.share_below_0_1_style) / 2,
+                              "seconds": outcome.timings.get("total")}  # fmt: skip
+            results[name] = _evaluate(host, scorers, [(outcome.path, 1.0)], subj, sty, seeds)
+        for name, res in results.items():
+            res["retention_subject"] = _ratio(res["subject_alone"]["subject_right"], ref_subject["subject_right"])
+            res["retention_style"] = _ratio(res["style_alone"]["style_right"], ref_style["style_right"])
+        rows.append({"subject": subj.name, "style": sty.name, "results": results, "ziplora": zip_info,
+                     "reference": {"subject_alone": ref_subject, "style_alone": ref_style}})  # fmt: skip
+        log(f"{subj.name} x {sty.name}: " + ", ".join(f"{m} {results[m]['both']['both_right']:.2f}" for m in results) + f" ({time.perf_counter() - t_pair:.0f} s)")
+    summary = {m.name: _mean_metrics([r["results"][m.name] for r in rows]) for m in METHODS}
+    return {
+        "date": _dt.date.today().isoformat(),
+        "pairs": len(rows),
+        "seeds_per_cell": len(seeds),
+        "steps": steps,
+        "rows": rows,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+
+
+def _ratio(x: float | None, ref: float | None) -> float | None:
+    if x is None or ref is None or ref == 0:
+        return None
+    return x / ref
+
+
+def _mean_metrics(results: list[dict[str, Any]]) -> dict[str, float | None]:
+    def mean(values: list[float | None]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "subject_right": mean([r["both"]["subject_right"] for r in results]),
+        "style_right": mean([r["both"]["style_right"] for r in results]),
+        "both_right": mean([r["both"]["both_right"] for r in results]),
+        "retention_subject": mean([r["retention_subject"] for r in results]),
+        "retention_style": mean([r["retention_style"] for r in results]),
+    }
+
+
+def _table(data: dict[str, Any]) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    lines = [
+        "| method | subject right | style right | both right | subject kept alone | style kept alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        s = data["summary"][m.name]
+        lines.append(f"| {m.label} | {pct(s['subject_right'])} | {pct(s['style_right'])} | {pct(s['both_right'])} | "
+                     f"{pct(s['retention_subject'])} | {pct(s['retention_style'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(json_output: bool = False, quick: bool = False, write_docs: bool = False) -> int:
+    data = run_quality(quick=quick, log=(lambda *a: None) if json_output else print)
+    if json_output:
+        print(json.dumps(data, indent=2))
+    else:
+        print(_table(data))
+        print(f"{data['pairs']} pairs x {data['seeds_per_cell']} seeds per cell, {data['seconds']:.0f} s on {data['machine']}")
+    if write_docs:
+        docs = Path(__file__).resolve().parents[2] / "docs"
+        docs.mkdir(exist_ok=True)
+        (docs / "quality.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        per_pair = ["| pair | " + " | ".join(m.label for m in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+        for r in data["rows"]:
+            cells = [f"{100 * r['results'][m.name]['both']['both_right']:.0f}%" for m in METHODS]
+            per_pair.append(f"| {r['subject']} x {r['style']} | " + " | ".join(cells) + " |")
+        text = QUALITY_DOC.format(date=data["date"], table=_table(data), per_pair="\n".join(per_pair),
+                                  pairs=data["pairs"], seeds=data["seeds_per_cell"], seconds=data["seconds"], machine=data["machine"])  # fmt: skip
+        (docs / "quality.md").write_text(text, encoding="utf-8")
+    return 0
+
+
+QUALITY_DOC = """# Quality on the toy world
+
+Command: `python -m ziplora bench quality --write-docs` ({date}; {pairs} pairs x {seeds} seeds per cell;
+{seconds:.0f} s on {machine}). Raw figures: docs/quality.json.
+
+"Subject right" / "style right": share of "subject in style" images whose most likely subject (style), as
+judged by the bundled scorers, is the wanted novel one; "both right": both at once. "Kept alone": the merged
+LoRA on the subject-only (style-only) prompt, as a share of the single LoRA's own score there.
+
+{table}
+
+Share of "subject in style" images right on both, per pair:
+
+{per_pair}
+"""
