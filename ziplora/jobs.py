@@ -124,7 +124,7 @@ def _optimise(
     timings: dict[str, float],
 ) -> ZipResult:
     with ExitStack() as stack:
-        session = stack.enter_context(host.session(SessionOptions(precision, request.gradient_checkpointing), progress))
+        session = stack.enter_context(host.session(SessionOptions(precision, request.gradient_checkpointing, request.resolution), progress))
 
         def trainable(key: LayerKey) -> bool:
             return key.component == "unet" or (request.merge_text_encoders and session.text_encoder_grad)

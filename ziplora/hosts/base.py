@@ -49,6 +49,7 @@ class SessionOptions:
 
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
+    resolution: int | None = None  # the job's image size (SDXL's size conditioning); None: the host's default
 
 
 class ModelSession(Protocol):

@@ -569,7 +569,8 @@ class ForgeHost:
             dtype = _compute_dtype(kmodel, options.precision)
             vae = getattr(sd_model.forge_objects, "vae", None)
             latent = (int(getattr(vae, "latent_channels", 4)), int(getattr(vae, "downscale_ratio", 8)))
-            memory = _training_memory(unet, self.default_resolution, latent, options.gradient_checkpointing)
+            resolution = options.resolution or self.default_resolution
+            memory = _training_memory(unet, resolution, latent, options.gradient_checkpointing)
 
             # 1. Forge's current objects (perhaps the user's LoRA clones) -> the LoRA-free originals for the job,
             #    so Forge's own calls (prompt encoding, VAE) use them too; put back as they were afterwards.
@@ -594,7 +595,7 @@ class ForgeHost:
             for module in _expose_shapes(dm):
                 stack.callback(_forget_shape, module)
             _probe_backward(dm, torch.device(unet.load_device), dtype)
-            yield ForgeSession(sd_model, unet, mm, dtype, memory, self.default_resolution, self.default_guidance)
+            yield ForgeSession(sd_model, unet, mm, dtype, memory, resolution, self.default_guidance)
 
     # -- the preview ------------------------------------------------------------------------------------
     def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:

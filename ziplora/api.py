@@ -1,0 +1,189 @@
+"""The HTTP API: start a merge, poll it, interrupt it, list the LoRAs it can take. WebUI-agnostic: the WebUI's
+entry point passes the FastAPI app, the service and the ``--api-auth`` credentials (A1111 and Forge alike).
+
+    POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202)
+    GET  /ziplora/v1/jobs/{job_id}          progress, losses, and when done the written file's summary
+    POST /ziplora/v1/jobs/{job_id}/interrupt
+    GET  /ziplora/v1/loras                  every LoRA in the host's folder: name and a one-line summary or error
+
+Routes an extension adds are outside the WebUI's ``--api-auth`` (A1111 modules/api/api.py applies it only to
+its own routes), so these check the same credentials themselves: HTTP Basic, 401 with ``WWW-Authenticate``.
+Errors are ``{"error": "<one line>"}``: 400 bad input, 401, 404 unknown LoRA or job, 409 busy.
+"""
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from hmac import compare_digest
+from pathlib import Path
+from typing import Any
+
+from ziplora.errors import BusyError, InvalidRequestError, ZipLoraError
+from ziplora.service import MergeService
+
+__all__ = ["mount", "parse_credentials", "PREFIX"]
+
+PREFIX = "/ziplora/v1"
+
+
+def parse_credentials(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"user:pass,user2:pass2"`` (the ``--api-auth`` format) -> {user: password}; empty means no auth.
+
+    A password may contain ':' (split at the first one)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        return {str(k): str(v) for k, v in spec.items()}
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        user, sep, password = item.strip().partition(":")
+        if sep and user:
+            out[user] = password
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON (no NaN / inf, which strict encoders refuse): paths as text, tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _plain_name(value: Any, what: str) -> str:
+    """A LoRA name as the WebUI lists it: no folders, no absolute paths (the API never reads paths)."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"{what} must be the name of a LoRA in the WebUI's Lora folder")
+    name = value.strip()
+    if "/" in name or "\\" in name or ".." in name or ":" in name or name.startswith("~"):
+        raise InvalidRequestError(f"{what} {name!r} must be a LoRA name from /ziplora/v1/loras, not a path")
+    return name
+
+
+def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] | None = None) -> None:
+    """Add the routes to ``app`` (a FastAPI instance). ``credentials``: the ``--api-auth`` value, or None."""
+    # no ``from __future__ import annotations`` in this module: FastAPI reads these annotations at runtime
+    from fastapi import Depends, Request
+    from fastapi.responses import JSONResponse
+
+    users = parse_credentials(credentials)
+
+    def reply(data: Any, status: int = 200) -> JSONResponse:
+        return JSONResponse(_jsonable(data), status_code=status)
+
+    def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+    def denied(request: Request) -> JSONResponse | None:
+        if not users:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                user, password = "", ""
+            expected = users.get(user)
+            if expected is not None and compare_digest(password.encode(), expected.encode()):
+                return None
+        return error(
+            "incorrect or missing username and password (this WebUI was started with --api-auth)", 401, {"WWW-Authenticate": "Basic"}
+        )
+
+    async def json_body(request: Request) -> Any:
+        """The body as JSON, or an InvalidRequestError to report (read here: sync routes cannot await)."""
+        raw = await request.body()
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            return InvalidRequestError(f"the request body is not valid JSON ({err})")
+
+    def merge(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
+        """Start a merge: content and style are LoRA names in the WebUI's Lora folder."""
+        if (refused := denied(request)) is not None:
+            return refused
+        from ziplora.jobs import resolve_lora
+        from ziplora.request import MergeRequest
+
+        try:
+            if isinstance(body, InvalidRequestError):
+                raise body
+            if not isinstance(body, dict):
+                raise InvalidRequestError("the request must be a JSON object with content, style and output_name")
+            for field, what in (("content", "content"), ("style", "style")):
+                if field in body:
+                    _plain_name(body[field], what)
+            merge_request = MergeRequest.from_dict(body)
+        except ZipLoraError as err:
+            return error(str(err), 400)
+        for name in (merge_request.content, merge_request.style):
+            try:
+                resolve_lora(service.host, name)
+            except ZipLoraError as err:
+                return error(str(err), 404)
+        try:
+            job_id = service.submit_merge(merge_request)
+        except BusyError as err:
+            return error(str(err), 409)
+        except ZipLoraError as err:
+            return error(str(err), 400)
+        return reply({"job_id": job_id, "status": f"{PREFIX}/jobs/{job_id}"}, 202)
+
+    def job_status(job_id: str, request: Request) -> JSONResponse:
+        """Where a job is: state, stage, step counts, losses; the written file's summary when done."""
+        if (refused := denied(request)) is not None:
+            return refused
+        try:
+            status = service.status(job_id)
+        except KeyError:
+            return error(f"no job {job_id!r}", 404)
+        return reply(status.to_dict())
+
+    def interrupt(job_id: str, request: Request) -> JSONResponse:
+        """Stop a running job at its next step; nothing is written."""
+        if (refused := denied(request)) is not None:
+            return refused
+        try:
+            status = service.status(job_id)
+        except KeyError:
+            return error(f"no job {job_id!r}", 404)
+        if status.state == "running":
+            service.interrupt(job_id)
+        return reply({"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"})
+
+    def loras(request: Request) -> JSONResponse:
+        """Every LoRA in the host's folder: its name and a one-line summary, or why it cannot be read."""
+        if (refused := denied(request)) is not None:
+            return refused
+        from ziplora.formats.lorafile import open_lora
+
+        items = []
+        for path in service.host.list_loras():
+            item: dict[str, Any] = {"name": path.stem, "file": path.name}
+            try:
+                lora = open_lora(path)
+                summary = lora.summary()
+                item.update(
+                    summary=summary.one_line(),
+                    family=summary.family,
+                    mergeable=lora.family in service.host.families,
+                    trigger_words=summary.trigger_words,
+                )
+            except ZipLoraError as err:
+                item.update(error=str(err), mergeable=False)
+            except OSError as err:
+                item.update(error=f"cannot read the file: {err.strerror or err}", mergeable=False)
+            items.append(item)
+        return reply({"lora_dir": str(service.host.lora_dir()), "loras": items})
+
+    app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], status_code=202)
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", job_status, methods=["GET"])
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/interrupt", interrupt, methods=["POST"])
+    app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"])
