@@ -190,3 +190,39 @@ def test_patching_a_layer_of_the_wrong_size_is_a_host_error(toy_host, lora_dir: 
         with pytest.raises(HostError, match="another model"):
             with patch_layers(session.resolve, parts, session.device):
                 pass
+
+
+def test_a_failed_step_capture_falls_back_to_eager_and_says_so(toy_host, lora_dir: Path, monkeypatch) -> None:
+    """On CUDA the step is captured in a graph; if capture fails the job goes on eagerly (simulated here)."""
+    import contextlib
+
+    import ziplora.merge.optimize as opt_mod
+
+    class FakeStream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class BrokenGraph:
+        def __init__(self) -> None:
+            raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", BrokenGraph)
+    original_init = opt_mod._Step.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_init(self, *args, **kwargs)
+        self.want_graph = True  # as on a GPU
+
+    monkeypatch.setattr(opt_mod._Step, "__init__", init)
+    factors = _factors(lora_dir)
+    with toy_host.session(SessionOptions(), Progress()) as session:
+        parts, bank = build_parts(factors, session.device, session.dtype)
+        with patch_layers(session.resolve, parts, session.device) as patches:
+            inputs = _inputs(session, patches)
+            result = optimize_mergers(session.predict, patches, bank, inputs, ZipOptions(steps=8, stop_similarity=0.0), Progress())
+    assert result.steps_run == 8
+    assert result.step_mode == "eager (capture failed: RuntimeError)"
+    assert result.movement.mean_abs_change > 0

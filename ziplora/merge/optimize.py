@@ -215,8 +215,16 @@ class _Step:
                 self.static[name].copy_(value)  # type: ignore[attr-defined]
             self.graph.replay()  # type: ignore[attr-defined]
             return self.static["out"].clone()  # type: ignore[attr-defined]
-        if not self.want_graph or self.calls <= self.WARMUP:
+        if not self.want_graph:
             return self._eager(x, t, cond, y)
+        if self.calls <= self.WARMUP:
+            # warm-up on a side stream, as CUDA graph capture wants (cuBLAS / cuDNN workspaces, allocator)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._eager(x, t, cond, y)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
         try:
             return self._capture(x, t, cond, y)
         except Exception as err:  # noqa: BLE001 - any capture failure means: go on eagerly
