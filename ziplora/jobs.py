@@ -26,7 +26,7 @@ from ziplora.merge.optimize import NonFiniteLoss, ZipOptions, ZipResult, build_p
 from ziplora.merge.patch import patch_layers
 from ziplora.metadata import Provenance
 from ziplora.progress import Progress
-from ziplora.request import MergeRequest, check_output_name
+from ziplora.request import MergeRequest, check_number, check_output_name
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,7 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
 def reexport(host: Host | None, output: Path, style_multiplier: float, progress: Progress | None = None) -> ExportReport:
     """Rewrite ``output`` from its saved mergers with a new style multiplier (seconds, no optimisation)."""
     from ziplora.export import MERGERS_SUFFIX
-    from ziplora.request import _number  # noqa: PLC2701 - same validation as requests
-
-    _number("style multiplier", style_multiplier, 0.0, 1.5)
+    check_number("style multiplier", style_multiplier, 0.0, 1.5)
     check_output_name(output.stem)
     mergers_path = output.with_suffix(MERGERS_SUFFIX)
     if not output.is_file():
@@ -280,6 +278,7 @@ def reexport(host: Host | None, output: Path, style_multiplier: float, progress:
         architecture=old.metadata.get("modelspec.architecture", defaults.architecture if defaults else "stable-diffusion-xl-v1-base/lora"),
         resolution=old.metadata.get("modelspec.resolution", "1024x1024"),
         sd_version=(old.sidecar.get("sd version") if isinstance(old.sidecar.get("sd version"), str) else None) or (defaults.sd_version if defaults else "SDXL"),
+        write_sidecar=not output.with_suffix(".json").exists(),  # the sidecar may hold the user's edits: keep it
     )
     report = export_merge(content, style, output, options, provenance, saved.mergers)
     if host is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from ziplora.errors import InvalidRequestError
 from ziplora.merge.loss import REDUCTIONS, SIMILARITIES
 
-__all__ = ["MergeRequest", "check_output_name", "METHODS", "PRECISIONS", "FORMS", "INPUT_KINDS"]
+__all__ = ["MergeRequest", "check_output_name", "check_number", "METHODS", "PRECISIONS", "FORMS", "INPUT_KINDS"]
 
 METHODS = ("zip", "direct")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -49,7 +49,8 @@ def check_output_name(name: str) -> str:
     return name
 
 
-def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:
+def check_number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:
+    """A finite number in [lo, hi] (a whole one if ``integer``), else a one-line ``InvalidRequestError``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         kind = "a whole number" if integer else "a number"
         raise InvalidRequestError(f"{name} must be {kind}, got {value!r}")
@@ -101,23 +102,23 @@ class MergeRequest:
         for prompt in ("content_prompt", "style_prompt"):
             if not isinstance(getattr(self, prompt), str) or len(getattr(self, prompt)) > 1000:
                 raise InvalidRequestError(f"{prompt} must be text under 1000 characters")
-        _number("style multiplier", self.style_multiplier, 0.0, 1.5)
-        _number("content weight", self.content_weight, 0.0, 2.0)
+        check_number("style multiplier", self.style_multiplier, 0.0, 1.5)
+        check_number("content weight", self.content_weight, 0.0, 2.0)
         if self.target_rank is not None:
-            _number("target rank", self.target_rank, 1, 4096, integer=True)
-        _number("steps", self.steps, 1, 1000, integer=True)
-        _number("lambda", self.lam, 0.0, 100.0)
-        _number("learning rate", self.lr, 1e-8, 1.0)
-        _number("similarity stop threshold", self.stop_similarity, 0.0, 1.0)
+            check_number("target rank", self.target_rank, 1, 4096, integer=True)
+        check_number("steps", self.steps, 1, 1000, integer=True)
+        check_number("lambda", self.lam, 0.0, 100.0)
+        check_number("learning rate", self.lr, 1e-8, 1.0)
+        check_number("similarity stop threshold", self.stop_similarity, 0.0, 1.0)
         if self.resolution is not None:
-            _number("resolution", self.resolution, 16, 4096, integer=True)
+            check_number("resolution", self.resolution, 16, 4096, integer=True)
             if self.resolution % 8:
                 raise InvalidRequestError(f"resolution must be a multiple of 8, got {self.resolution}")
-        _number("samples per concept", self.samples, 1, 64, integer=True)
-        _number("sampling steps", self.sampling_steps, 1, 200, integer=True)
+        check_number("samples per concept", self.samples, 1, 64, integer=True)
+        check_number("sampling steps", self.sampling_steps, 1, 200, integer=True)
         if self.guidance is not None:
-            _number("guidance", self.guidance, 0.0, 30.0)
-        _number("seed", self.seed, 0, 2**63 - 1, integer=True)
+            check_number("guidance", self.guidance, 0.0, 30.0)
+        check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
         if self.similarity not in SIMILARITIES:
             raise InvalidRequestError(f"similarity must be one of {', '.join(SIMILARITIES)}")
         if self.reduction not in REDUCTIONS:
