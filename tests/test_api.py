@@ -134,3 +134,22 @@ def test_a_second_merge_while_one_runs_is_409_and_interrupt_stops_the_first(toy_
     assert data["state"] == "interrupted" and "nothing was written" in data["error"]
     assert not (lora_dir / "zipped.safetensors").exists() and not (lora_dir / "second.safetensors").exists()
     assert client.post("/ziplora/v1/jobs/missing/interrupt").status_code == 404
+
+
+def test_reexport_rewrites_the_file_with_a_new_style_multiplier(toy_host, lora_dir: Path) -> None:
+    """The tab's "Write again with this style multiplier", over HTTP (tests/e2e use it against real WebUIs)."""
+    from ziplora.formats import open_lora
+
+    client = _client(MergeService(toy_host))
+    job_id = client.post("/ziplora/v1/merge", json=BODY).json()["job_id"]
+    assert _poll(client, job_id)["state"] == "done"
+    before = open_lora(lora_dir / "zipped.safetensors").data_hash
+    r = client.post("/ziplora/v1/reexport", json={"name": "zipped", "style_multiplier": 0.5})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "zipped" and Path(r.json()["file"]) == lora_dir / "zipped.safetensors"
+    assert open_lora(lora_dir / "zipped.safetensors").data_hash != before
+    assert client.post("/ziplora/v1/reexport", json={"name": "nope", "style_multiplier": 0.5}).status_code == 404
+    assert client.post("/ziplora/v1/reexport", json={"name": "subject", "style_multiplier": 0.5}).status_code == 400  # not a merge
+    assert client.post("/ziplora/v1/reexport", json={"name": "zipped", "style_multiplier": 9}).status_code == 400
+    assert client.post("/ziplora/v1/reexport", json={"name": "../zipped", "style_multiplier": 0.5}).status_code == 400
+    assert client.post("/ziplora/v1/reexport", json={"name": "zipped"}).status_code == 400

@@ -99,6 +99,14 @@ def test_optimiser_lowers_the_loss_and_moves_the_mergers(toy_host, lora_dir: Pat
     assert result.movement.mean_abs_change > 0.02
     assert len(result.history) == 60 and result.history[-1].step == 60
     assert set(result.cos_before) == set(result.cos_after) == {k for k, (c, s) in factors.items() if c is not None and s is not None}
+    # the per-layer overlap of the two deltas (Fig. 3): checked against dense matrices for one layer
+    key = next(iter(result.overlap_before))
+    fc, fs = factors[key]
+    dc, ds = fc.dense().flatten(), fs.dense().flatten()
+    assert result.overlap_before[key] == pytest.approx(float(abs(dc @ ds) / (dc.norm() * ds.norm())), rel=1e-4)
+    mc, ms = result.mergers[key]
+    dcm, dsm = (fc.dense() * mc).flatten(), (fs.dense() * ms).flatten()
+    assert result.overlap_after[key] == pytest.approx(float(abs(dcm @ dsm) / (dcm.norm() * dsm.norm())), rel=1e-3)
 
 
 def test_the_bank_computes_what_the_per_layer_definition_says() -> None:

@@ -4,6 +4,8 @@ entry point passes the FastAPI app, the service and the ``--api-auth`` credentia
     POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202)
     GET  /ziplora/v1/jobs/{job_id}          progress, losses, and when done the written file's summary
     POST /ziplora/v1/jobs/{job_id}/interrupt
+    POST /ziplora/v1/reexport               {"name", "style_multiplier"}: rewrite a ZipLoRA output from its saved
+                                            mergers with a new style strength (seconds; the tab's "Write again")
     GET  /ziplora/v1/loras                  every LoRA in the host's folder: name and a one-line summary or error
 
 Routes an extension adds are outside the WebUI's ``--api-auth`` (A1111 modules/api/api.py applies it only to
@@ -158,6 +160,29 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
             service.interrupt(job_id)
         return reply({"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"})
 
+    def reexport(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
+        """Write a merged LoRA again with a new style multiplier, under the same name, from its saved mergers."""
+        if (refused := denied(request)) is not None:
+            return refused
+        try:
+            if isinstance(body, InvalidRequestError):
+                raise body
+            if not isinstance(body, dict) or "name" not in body or "style_multiplier" not in body:
+                raise InvalidRequestError("the request must be a JSON object with name and style_multiplier")
+            name = _plain_name(body["name"], "name")
+        except ZipLoraError as err:
+            return error(str(err), 400)
+        path = next((p for p in service.host.list_loras() if p.stem == name), None)
+        if path is None:
+            return error(f"no LoRA named {name!r} in {service.host.lora_dir()}", 404)
+        try:
+            done = service.reexport(path, body["style_multiplier"])
+        except BusyError as err:
+            return error(str(err), 409)
+        except ZipLoraError as err:
+            return error(str(err), 400)
+        return reply({"name": name, **done})
+
     def loras(request: Request) -> JSONResponse:
         """Every LoRA in the host's folder: its name and a one-line summary, or why it cannot be read."""
         if (refused := denied(request)) is not None:
@@ -186,4 +211,5 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], status_code=202)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", job_status, methods=["GET"])
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/interrupt", interrupt, methods=["POST"])
+    app.add_api_route(f"{PREFIX}/reexport", reexport, methods=["POST"])
     app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"])

@@ -72,6 +72,10 @@ class ZipResult:
     seconds: float
     forms: dict[str, int] = field(default_factory=dict)
     step_mode: str = "eager"  # "cuda graph" or "eager" (and why)
+    # the paper's Fig. 3 in spirit: per layer, |cos| between the content and the style deltas as merged
+    # (Frobenius inner product of m_c ⊙ ΔW_c and m_s ⊙ ΔW_s); "before" is the direct merge (m = 1)
+    overlap_before: dict[LayerKey, float] = field(default_factory=dict)
+    overlap_after: dict[LayerKey, float] = field(default_factory=dict)
 
     @property
     def final_similarity(self) -> float:
@@ -175,6 +179,34 @@ def _movement(mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]) -> Mer
     )
 
 
+def _flat_factors(part: Part, merger: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, in*k*k]) in fp32 with the merger applied to the input columns."""
+    up, down = part.up.float(), part.down.float()
+    if part.mid is not None:
+        down = torch.einsum("rskl,si->rikl", part.mid.float(), down)
+    if merger is not None:
+        down = down * merger.float().reshape((1, -1) + (1,) * (down.dim() - 2))
+    return up, down.reshape(down.shape[0], -1)
+
+
+@torch.no_grad()
+def delta_overlap(patches: PatchSet, bank: MergerBank, with_mergers: bool) -> dict[LayerKey, float]:
+    """|cos| between the two sources' deltas per merged layer, from the factors (no dense matrices)."""
+    out = {}
+    for key in bank.keys:
+        layer = patches.layers[key]
+        if layer.content is None or layer.style is None:
+            continue
+        mc, ms = (v() for v in bank.views(key)) if with_mergers else (None, None)
+        uc, dc = _flat_factors(layer.content, mc)
+        us, ds = _flat_factors(layer.style, ms)
+        inner = float(((uc.T @ us) * (dc @ ds.T)).sum())
+        nc = float(((uc.T @ uc) * (dc @ dc.T)).sum())
+        ns = float(((us.T @ us) * (ds @ ds.T)).sum())
+        out[key] = abs(inner) / max(1e-30, (nc * ns) ** 0.5)
+    return out
+
+
 class _Step:
     """One optimisation step: forward, loss, backward, Adam. Eager, or replayed from a CUDA graph.
 
@@ -263,6 +295,7 @@ def optimize_mergers(
     """
     t0 = time.perf_counter()
     cos_before = bank.per_layer_cos()
+    overlap_before = delta_overlap(patches, bank, with_mergers=False)
     history: list[StepRecord] = []
     stop_reason = "step limit"
     steps_run = 0
@@ -317,4 +350,6 @@ def optimize_mergers(
         seconds=time.perf_counter() - t0,
         forms=patches.form_counts(),
         step_mode=step_fn.mode if len(bank) else "none",
+        overlap_before=overlap_before,
+        overlap_after=delta_overlap(patches, bank, with_mergers=True),
     )
