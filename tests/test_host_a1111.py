@@ -481,6 +481,33 @@ def test_lora_folders_list_and_refresh(world) -> None:  # type: ignore[no-untype
     assert host.default_prompts(["sks dog"], ["zwx style"]) == ("a photo of sks dog", "a picture, zwx style")
 
 
+def test_a_rewritten_file_is_not_left_baked_with_its_old_tensors(world) -> None:  # type: ignore[no-untyped-def]
+    """Found while checking re-exports against real A1111 v1.10.1 (networks.py network_apply_weights): its
+    default path compares only (name, multipliers), so after a re-export under the same name the next
+    <lora:NAME:1> generation kept the OLD tensors baked in, although load_networks re-read the file (its mtime
+    changed). after_write puts the baked modules back. (The CPU e2e run uses lora_functional, which does not
+    bake; see docs/real-webui.md.)"""
+    service = MergeService(ToyA1111Host())
+    assert service.wait(service.submit_merge(_request()), 300).state == "done"
+    out = world.lora_dir / "zipped.safetensors"
+    _bake(world, "zipped")  # a txt2img with <lora:zipped:1>: baked in place
+    old = _forward(world)
+    time.sleep(0.01)  # a new mtime for the rewrite
+    service.reexport(out, 0.25)
+    world.networks.load_networks(["zipped"], [1.0], [1.0], None)  # the next txt2img with <lora:zipped:1>
+    after = _forward(world)
+    # reference: the rewritten file applied to clean weights
+    world.networks.load_networks([])
+    clean = _forward(world)
+    world.networks.load_networks(["zipped"], [1.0], [1.0], None)
+    fresh = _forward(world)
+    assert not torch.equal(old, fresh)
+    assert torch.equal(after, fresh)
+    # and a generation without the LoRA finds clean weights
+    world.networks.load_networks([])
+    assert torch.equal(_forward(world), clean)
+
+
 def test_strip_extra_networks() -> None:
     assert strip_extra_networks("a <lora:x:1> sks  dog<hypernet:y:0.5>") == "a sks dog"
 

@@ -223,6 +223,75 @@ def test_side_path_with_gradient_checkpointing_through_forge_blocks(forge: stand
     _assert_clean(forge)
 
 
+def _saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+    """Bytes autograd keeps for backward while ``fn()`` runs (saved tensors, each counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_manual_cast_weight_copies_are_recomputed_not_kept_for_backward() -> None:
+    """Found on a real Forge 2 (--always-cpu --unet-in-fp16): a layer that casts its fp16 weight to fp32 at each
+    forward hands F.linear a fresh copy that autograd keeps until backward, the whole UNet again in fp32; the
+    merge ran the machine out of memory. The session recomputes those casts in backward instead."""
+    from ziplora.hosts.forge import _recompute_casts, _restore_forwards
+
+    torch.manual_seed(0)
+    layer = standins.ForgeLinear(256, 128)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    layer.weight.data = layer.weight.data.half()
+    layer.bias.data = layer.bias.data.half()
+    layer.requires_grad_(False)
+    layer.parameters_manual_cast = True  # stored fp16, computed in the input's dtype
+    x = torch.randn(4, 256, requires_grad=True)
+
+    def run() -> None:
+        layer(x).square().sum().backward()
+
+    kept = _saved_bytes(run)
+    grad = x.grad.clone()
+    x.grad = None
+    changed = _recompute_casts(torch.nn.Sequential(layer))
+    assert changed == [layer]
+    lean = _saved_bytes(run)
+    assert kept >= 128 * 256 * 4 and lean < 128 * 256 * 4  # the fp32 weight copy is no longer kept
+    assert torch.equal(x.grad, grad)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float()))
+    _restore_forwards(changed)
+    assert "forward" not in layer.__dict__
+
+
+def test_a_merge_over_manual_cast_layers_recomputes_them_and_puts_the_forwards_back(forge: standins.World, host: ForgeHost) -> None:
+    forge.generate("a shape")
+    unet, _ = _models(forge)
+    cast = [m for m in unet.modules() if isinstance(m, standins.ForgeLinear)]
+    for m in cast:
+        m.parameters_manual_cast = True
+    before = _hashes(forge)
+    during: dict[str, int] = {}
+    progress = Progress()
+
+    def listen(p: Progress) -> None:
+        if p.stage.startswith("Optimising") and "n" not in during:
+            during["n"] = sum("forward" in m.__dict__ for m in cast)
+
+    progress.add_listener(listen)
+    status = _run(MergeService(host), _request(form="side"), progress)
+    assert status.state == "done", status.error
+    assert during["n"] == len(cast) > 0
+    assert status.result["similarity_after"] != status.result["similarity_before"]  # gradients reached the mergers
+    assert _hashes(forge) == before
+    _assert_clean(forge)
+
+
 def test_v_prediction_schedule_and_unknown_predictions(forge: standins.World, host: ForgeHost) -> None:
     forge.factory = lambda: standins.build_engine(prediction_type="v_prediction")
     with host.session(SessionOptions(), Progress()) as session:

@@ -234,3 +234,15 @@ def test_a_failed_step_capture_falls_back_to_eager_and_says_so(toy_host, lora_di
     assert result.steps_run == 8
     assert result.step_mode == "eager (capture failed: RuntimeError)"
     assert result.movement.mean_abs_change > 0
+
+
+def test_auto_form_takes_the_side_path_when_fused_copies_would_not_fit(toy_host, lora_dir: Path, monkeypatch) -> None:
+    import ziplora.jobs as jobs
+
+    monkeypatch.setattr(jobs, "available_memory", lambda device: 10_000)  # bytes: far too little for the copies
+    outcome = run_merge(MergeRequest("subject", "style", "side", steps=2, sampling_steps=2, samples=1), toy_host, Progress())
+    assert outcome.zip is not None and outcome.zip.forms == {"side": 132}
+    assert any("used the side path" in note for note in outcome.notes)
+    monkeypatch.setattr(jobs, "available_memory", lambda device: 2**40)
+    outcome = run_merge(MergeRequest("subject", "style", "fused", steps=2, sampling_steps=2, samples=1), toy_host, Progress())
+    assert outcome.zip is not None and outcome.zip.forms == {"fused": 132} and not outcome.notes

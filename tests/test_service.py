@@ -61,3 +61,18 @@ def test_preview_grid_has_four_rows_and_three_columns(toy_host, lora_dir: Path) 
     # rows differ: the LoRAs do something; the model is untouched afterwards
     assert float((grid.cells[0] - grid.cells[3]).abs().mean()) > 1e-3
     assert state_hash(toy_host.model) == before
+
+
+def test_the_summary_shows_the_hash_the_hosts_webui_writes_into_infotexts(toy_host, lora_dir: Path) -> None:
+    """A1111 hashes the tensor data (the addnet hash); Forge hashes the whole file (ForgeHost.lora_hash)."""
+    import hashlib
+
+    from ziplora.hosts.forge import ForgeHost
+
+    service = MergeService(toy_host)
+    status = service.wait(service.submit_merge(_request()), 300)
+    assert status.result["shorthash"] == status.result["sha256"][:12]  # the toy host: no hash of its own
+    toy_host.lora_hash = lambda path: ForgeHost.lora_hash(None, path)  # type: ignore[attr-defined]
+    status = service.wait(service.submit_merge(_request(output_name="again", seed=1)), 300)
+    whole_file = hashlib.sha256((lora_dir / "again.safetensors").read_bytes()).hexdigest()
+    assert status.result["shorthash"] == whole_file[:12] != status.result["sha256"][:12]

@@ -10,7 +10,8 @@ entry point passes the FastAPI app, the service and the ``--api-auth`` credentia
 
 Routes an extension adds are outside the WebUI's ``--api-auth`` (A1111 modules/api/api.py applies it only to
 its own routes), so these check the same credentials themselves: HTTP Basic, 401 with ``WWW-Authenticate``.
-Errors are ``{"error": "<one line>"}``: 400 bad input, 401, 404 unknown LoRA or job, 409 busy.
+Errors are ``{"error": "<one line>"}``: 400 bad input, 401, 404 unknown LoRA or job, 409 busy, 500 the server's side
+failed (disk full, read-only folder).
 """
 
 import base64
@@ -22,7 +23,7 @@ from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
-from ziplora.errors import BusyError, InvalidRequestError, ZipLoraError
+from ziplora.errors import BusyError, InvalidRequestError, JobFailed, ZipLoraError
 from ziplora.service import MergeService
 
 __all__ = ["mount", "parse_credentials", "PREFIX"]
@@ -106,6 +107,8 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
             return json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             return InvalidRequestError(f"the request body is not valid JSON ({err})")
+        except RecursionError:  # json's decoder recurses once per nesting level: thousands of "[" end here
+            return InvalidRequestError("the request body is not valid JSON (nested too deeply)")
 
     def merge(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
         """Start a merge: content and style are LoRA names in the WebUI's Lora folder."""
@@ -179,6 +182,8 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
             done = service.reexport(path, body["style_multiplier"])
         except BusyError as err:
             return error(str(err), 409)
+        except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
+            return error(str(err), 500)
         except ZipLoraError as err:
             return error(str(err), 400)
         return reply({"name": name, **done})

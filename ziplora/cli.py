@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--similarity", choices=("dot", "cos"), default="dot")
     m.add_argument("--resolution", type=int, default=None)
     m.add_argument("--samples", type=int, default=2)
+    m.add_argument("--sampling-steps", type=int, default=20, help="sampling steps of each LoRA alone (data-free inputs)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -149,6 +150,7 @@ def _merge(args: argparse.Namespace) -> int:
         similarity=args.similarity,
         resolution=args.resolution,
         samples=args.samples,
+        sampling_steps=args.sampling_steps,
         seed=args.seed,
     )
     progress = ConsoleProgress(quiet=args.json)
@@ -244,6 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
-        sys.stderr.write(f"internal error: {type(err).__name__}: {err} (run with --debug for details)\n")
+        sys.stderr.write(f"internal error: {type(err).__name__}: {' '.join(str(err).split())} (run with --debug for details)\n")
         return 1
     return 0

@@ -28,11 +28,19 @@ from ziplora.errors import (
     OutputExistsError,
 )
 from ziplora.formats.families import reference_shapes
-from ziplora.formats.keys import LayerKey, kohya_name
+from ziplora.formats.keys import KOHYA_PREFIXES, LayerKey, kohya_name
 from ziplora.formats.layers import Factors, truncate_factors
 from ziplora.formats.lorafile import LoraFile
-from ziplora.formats.safetensors_io import PendingTensor, SafetensorsFile, atomic_write_bytes, write_safetensors
+from ziplora.formats.safetensors_io import (
+    PendingTensor,
+    SafetensorsFile,
+    StagedFile,
+    stage_bytes,
+    stage_safetensors,
+    write_safetensors,
+)
 from ziplora.metadata import Provenance, SourceInfo, build_metadata, build_sidecar
+from ziplora.request import check_number
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +138,12 @@ def _merged_layer(
             continue
         f, err, part_how = lora.layer(key).factors()
         if mergers is not None and key in mergers:
-            f = f.scale_inputs(mergers[key][index].float())
+            m = mergers[key][index]
+            if m.dim() != 1 or m.numel() != f.shape[1] or not bool(torch.isfinite(m).all()):
+                raise IncompatibleLorasError(
+                    f"layer {key.path}: the mergers ({list(m.shape)}) do not fit its {f.shape[1]} input columns or are not finite; merge again"
+                )
+            f = f.scale_inputs(m.float())
         if weight != 1.0:
             f = f.scale_outputs(weight)
         if err:
@@ -161,10 +174,12 @@ def _header_plan(key: LayerKey, content: LoraFile, style: LoraFile, target_rank:
     for lora in (content, style):
         if key not in lora.groups:
             continue
-        if lora.layer_kind(key) not in ("lora", "locon"):
-            return None
         g = lora.groups[key]
+        if lora.layer_kind(key) not in ("lora", "locon") or not {"lora_up", "lora_down"} <= set(g):
+            return None  # read in full: the layer's own checks say what is wrong with an incomplete one
         up, down = lora.st.tensors[g["lora_up"]].shape, lora.st.tensors[g["lora_down"]].shape
+        if len(up) not in (2, 4) or len(down) not in (2, 4):
+            return None  # likewise for factors that are no matrices
         ranks.append(int(down[0]))
         shape = (int(up[0]), int(down[1]), *(int(d) for d in down[2:]))
     assert shape is not None
@@ -308,21 +323,39 @@ def export_merge(
         mergers_file=mergers_path.name if mergers_path else None,
         embeddings=sorted(set(content.embeddings) | set(style.embeddings)),
     )
-    digest = write_safetensors(out, pending, metadata, overwrite=options.overwrite)
+    # Every file is written whole under a temporary name first; only then are they renamed into place, the LoRA
+    # last. So a failure while writing (disk full, interrupt) changes nothing on disk, and an overwritten output
+    # keeps its old LoRA, sidecar and mergers until the new ones are complete.
+    staged: list[StagedFile] = []
     sidecar = None
+    created: list[Path] = []  # companions that did not exist before: taken back if the LoRA cannot be put in place
     try:
+        digest, lora_file = stage_safetensors(out, pending, metadata, overwrite=options.overwrite)
+        staged.append(lora_file)
         if mergers is not None and mergers_path is not None:
-            save_mergers(mergers_path, mergers, content, style, provenance)
+            staged.append(stage_safetensors(mergers_path, *_mergers_payload(mergers, content, style, provenance), overwrite=True)[1])
         if options.write_sidecar:
             sidecar = out.with_suffix(".json")
             data = build_sidecar(content=c_info, style=s_info, provenance=provenance, description=options.description, sd_version=options.sd_version)
-            atomic_write_bytes(sidecar, json.dumps(data, indent=4, ensure_ascii=False).encode("utf-8"), overwrite=True)
+            staged.append(stage_bytes(sidecar, json.dumps(data, indent=4, ensure_ascii=False).encode("utf-8"), overwrite=True))
+        for companion in staged[1:]:
+            if not companion.path.exists():
+                created.append(companion.path)
+            companion.commit()
+        lora_file.commit()
     except BaseException:
-        # the LoRA is complete only with its companions: take it back rather than leave half a result
-        out.unlink(missing_ok=True)
-        if mergers_path is not None:
-            mergers_path.unlink(missing_ok=True)
+        for file in staged:
+            file.discard()
+        for path in created:
+            path.unlink(missing_ok=True)
         raise
+    stale = out.with_suffix(MERGERS_SUFFIX)
+    if mergers is None and stale.exists():
+        # a direct merge written over an earlier ZipLoRA output: its mergers no longer describe this file
+        try:
+            stale.unlink()
+        except OSError as err:  # the merge itself is written: say so in the log rather than fail it
+            log.warning("could not remove the stale mergers %s: %s", stale, err)
     norm2, err2 = totals
     return ExportReport(
         path=out,
@@ -349,6 +382,12 @@ def _same_embedding(a: LoraFile, b: LoraFile, name: str) -> bool:
 
 
 def save_mergers(path: Path, mergers: Mergers, content: LoraFile, style: LoraFile, provenance: Provenance) -> None:
+    write_safetensors(path, *_mergers_payload(mergers, content, style, provenance), overwrite=True)
+
+
+def _mergers_payload(
+    mergers: Mergers, content: LoraFile, style: LoraFile, provenance: Provenance
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {}
     for key, (mc, ms) in sorted(mergers.items()):
         tensors[f"m_c.{kohya_name(key)}"] = mc.detach().float().cpu().contiguous()
@@ -362,7 +401,7 @@ def save_mergers(path: Path, mergers: Mergers, content: LoraFile, style: LoraFil
         "provenance": json.dumps(provenance.__dict__),
         "keys": json.dumps([[k.component, k.path] for k in sorted(mergers)]),
     }
-    write_safetensors(path, tensors, meta, overwrite=True)
+    return tensors, meta
 
 
 @dataclass(frozen=True)
@@ -383,19 +422,26 @@ def load_mergers(path: Path) -> SavedMergers:
     try:
         keys = [LayerKey(c, p) for c, p in json.loads(meta["keys"])]
         prov = Provenance(**json.loads(meta["provenance"]))
-    except (KeyError, ValueError, TypeError) as err:
-        raise LoraFormatError(f"{path.name}: corrupt mergers file ({err})") from None
+        sources = Path(meta["content_path"]), meta["content_sha256"], Path(meta["style_path"]), meta["style_sha256"]
+        if not all(k.component in KOHYA_PREFIXES and isinstance(k.path, str) for k in keys):
+            raise ValueError("bad layer keys")
+        check_number("content weight", prov.content_weight, 0.0, 2.0)
+        if prov.target_rank is not None:
+            check_number("target rank", prov.target_rank, 1, 4096, integer=True)
+    except (KeyError, ValueError, TypeError, RecursionError, InvalidRequestError) as err:
+        raise LoraFormatError(f"{path.name}: corrupt mergers file ({type(err).__name__}: {err})") from None
     mergers: Mergers = {}
     with st.reader() as read:
         for key in keys:
             name = kohya_name(key)
             try:
-                mergers[key] = (read(f"m_c.{name}").float(), read(f"m_s.{name}").float())
+                mc, ms = read(f"m_c.{name}").float(), read(f"m_s.{name}").float()
             except KeyError:
                 raise LoraFormatError(f"{path.name}: mergers for {key.path} are missing") from None
-    return SavedMergers(
-        mergers, Path(meta["content_path"]), meta["content_sha256"], Path(meta["style_path"]), meta["style_sha256"], prov
-    )
+            if mc.dim() != 1 or mc.shape != ms.shape or not bool(torch.isfinite(mc).all() and torch.isfinite(ms).all()):
+                raise LoraFormatError(f"{path.name}: corrupt mergers file (the mergers for {key.path} are not two finite vectors)")
+            mergers[key] = (mc, ms)
+    return SavedMergers(mergers, *sources, prov)
 
 
 def check_merge_sources(content: LoraFile, style: LoraFile) -> None:

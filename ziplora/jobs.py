@@ -6,6 +6,7 @@ The CLI, the tab and the API route all call :func:`run_merge` with a :class:`Mer
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -13,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from ziplora.errors import InvalidRequestError, JobFailed, JobInterrupted, LoraFormatError, OutputExistsError
+from ziplora.errors import HostError, InvalidRequestError, JobFailed, JobInterrupted, LoraFormatError, OutputExistsError
 from ziplora.export import ExportOptions, ExportReport, check_merge_sources, export_merge, load_mergers
 from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
 from ziplora.formats.layers import Factors
 from ziplora.formats.lorafile import LoraFile, open_lora
-from ziplora.hosts.base import Host, SessionOptions, export_defaults_for
+from ziplora.hosts.base import Host, ModelSession, SessionOptions, available_memory, export_defaults_for
 from ziplora.inputs import InputOptions, TrainingInputs, data_free_inputs, reference_inputs
 from ziplora.merge.checkpointing import checkpointed
 from ziplora.merge.optimize import NonFiniteLoss, ZipOptions, ZipResult, build_parts, optimize_mergers
-from ziplora.merge.patch import patch_layers
+from ziplora.merge.patch import Part, patch_layers
 from ziplora.metadata import Provenance
 from ziplora.progress import Progress
 from ziplora.request import MergeRequest, check_number, check_output_name
@@ -112,6 +113,31 @@ def _oom_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _weight_numel(part: Part) -> int:
+    """Elements of the weight a part patches: out x in x kernel."""
+    kernel = part.mid.shape[2:] if part.mid is not None else part.down.shape[2:]
+    return int(part.up.shape[0] * part.down.shape[1] * math.prod(kernel))
+
+
+def _choose_form(request: MergeRequest, session: ModelSession, parts: dict, notes: list[str]) -> str:  # type: ignore[type-arg]
+    """"auto": fused unless its weight copies would not fit. Without checkpointing the fused form keeps one
+    W_eff per patched layer alive until backward (the patched layers' size again); the side path keeps only
+    rank-sized activations. With checkpointing only one block's copies live at a time."""
+    if request.form != "auto" or request.gradient_checkpointing:
+        return request.form
+    free = available_memory(session.device)
+    if free is None:
+        return "auto"
+    extra = sum(_weight_numel(c or s) for c, s in parts.values()) * torch.empty((), dtype=session.dtype).element_size()
+    if extra > free // 2:
+        notes.append(
+            f"the fused form would keep {extra / 2**30:.1f} GiB of weight copies for the backward pass with "
+            f"{free / 2**30:.1f} GiB free: used the side path (turn on gradient checkpointing for the faster fused form)"
+        )
+        return "side"
+    return "auto"
+
+
 def _optimise(
     host: Host,
     request: MergeRequest,
@@ -122,6 +148,7 @@ def _optimise(
     precision: str,
     progress: Progress,
     timings: dict[str, float],
+    notes: list[str],
 ) -> ZipResult:
     with ExitStack() as stack:
         session = stack.enter_context(host.session(SessionOptions(precision, request.gradient_checkpointing, request.resolution), progress))
@@ -131,7 +158,8 @@ def _optimise(
 
         parts, bank = build_parts(factors, session.device, session.dtype, trainable)
         fusable = getattr(session, "fusable", None)  # optional: a host may veto the fused form per layer
-        patches = stack.enter_context(patch_layers(session.resolve, parts, session.device, request.form, fusable))
+        form = _choose_form(request, session, parts, notes)
+        patches = stack.enter_context(patch_layers(session.resolve, parts, session.device, form, fusable))
         stack.enter_context(checkpointed(session.checkpoint_blocks(), request.gradient_checkpointing))
         resolution = request.resolution or session.default_resolution
         guidance = session.default_guidance if request.guidance is None else request.guidance
@@ -200,16 +228,23 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
         factors = load_factors(content, style, progress)
         precision = request.precision
         oom = _oom_types()
+        overflow: NonFiniteLoss | None = None  # set once a half-precision run overflowed and fp32 is being tried
         while True:
             try:
-                zip_result = _optimise(host, request, content, style, factors, prompts, precision, progress, timings)
+                zip_result = _optimise(host, request, content, style, factors, prompts, precision, progress, timings, notes)
                 break
             except NonFiniteLoss as err:
                 if err.dtype == torch.float32:
                     raise JobFailed(f"{err}; stopped cleanly, nothing was written") from None
                 notes.append(f"{err}: retried in fp32")
                 log.warning("%s: retrying in fp32", err)
-                precision = "fp32"
+                precision, overflow = "fp32", err
+                progress.clear_records()  # the plot shows the run that counts, not the one that overflowed
+            except HostError as err:
+                if overflow is None:
+                    raise
+                # the host cannot run in fp32 (A1111 without --no-half, Forge in fp16): say why fp32 was tried
+                raise JobFailed(f"{overflow}, and a retry in fp32 is not possible here ({err}); nothing was written") from None
             except oom:  # type: ignore[misc]
                 raise JobFailed(
                     "out of GPU memory: turn on gradient checkpointing, lower the resolution or the samples; nothing was written"

@@ -56,7 +56,7 @@ class Progress:
     # -- reported by the job ----------------------------------------------------------------------------
     def begin_stage(self, stage: str, total: int) -> None:
         with self._lock:
-            self.stage, self.done, self.total = stage, 0, total
+            self.stage, self.done, self.total, self.text = stage, 0, total, ""
             self.stage_started = time.monotonic()
         self.on_change()
 
@@ -70,6 +70,11 @@ class Progress:
     def record(self, rec: StepRecord) -> None:
         with self._lock:
             self.records.append(rec)
+
+    def clear_records(self) -> None:
+        """Forget the step records (a retry starts the loss curve again)."""
+        with self._lock:
+            self.records = []
 
     def interrupted(self) -> bool:
         if not self._interrupt.is_set() and any(source() for source in list(self._interrupt_sources)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -19,9 +18,15 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FORMS = ("auto", "fused", "side")
 INPUT_KINDS = ("data-free", "images")
 
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-_ALLOWED = re.compile(r"^[\w\-. ()+\[\]]+$", re.UNICODE)
+_WINDOWS_RESERVED = {
+    "CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+    *(f"{port}{i}" for port in ("COM", "LPT") for i in (*range(1, 10), "\u00b9", "\u00b2", "\u00b3")),
+}  # fmt: skip
+_PUNCTUATION = set("-_. ()+[]")
 MAX_NAME_LENGTH = 120
+# file systems count bytes (255 on ext4, APFS, NTFS in UTF-16 units): the name, ".safetensors" and the temporary
+# name's ".<name>.safetensors.XXXXXXXX.tmp" must all fit, in any script (a CJK character is 3 bytes in UTF-8)
+MAX_NAME_BYTES = 200
 
 
 def check_output_name(name: str) -> str:
@@ -37,7 +42,11 @@ def check_output_name(name: str) -> str:
         raise InvalidRequestError(f"output name {name!r} must be a plain file name, without folders, '..' or ':'")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidRequestError(f"output name is {len(name)} characters long; keep it under {MAX_NAME_LENGTH}")
-    if not _ALLOWED.match(name) or any(unicodedata.category(c).startswith("C") for c in name):
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidRequestError(
+            f"output name is {len(name.encode('utf-8'))} bytes long in UTF-8, too long for a file name; keep it under {MAX_NAME_BYTES}"
+        )
+    if not all(_name_character(c) for c in name):
         raise InvalidRequestError(
             f"output name {name!r} has characters that break files or <lora:NAME:1> prompts; "
             "use letters, digits, spaces, '-', '_', '.', '(', ')', '+'"
@@ -47,6 +56,12 @@ def check_output_name(name: str) -> str:
     if name.split(".")[0].upper().strip() in _WINDOWS_RESERVED:
         raise InvalidRequestError(f"output name {name!r} is reserved on Windows")
     return name
+
+
+def _name_character(c: str) -> bool:
+    """Letters, combining marks and digits of any script (Devanagari and Thai need the marks), and -_.()+[] and
+    space: nothing a file system, a shell or A1111's ``<lora:NAME:1>`` (which ends at ':' and '>') chokes on."""
+    return c in _PUNCTUATION or unicodedata.category(c)[0] in ("L", "M", "N")
 
 
 def check_number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:

@@ -57,14 +57,20 @@ class JobStatus:
         }
 
 
-def outcome_summary(outcome: MergeOutcome) -> dict[str, Any]:
-    """A JSON-able account of a finished merge (the API's result, the tab's figures)."""
+def outcome_summary(outcome: MergeOutcome, host: Host | None = None) -> dict[str, Any]:
+    """A JSON-able account of a finished merge (the API's result, the tab's figures).
+
+    ``shorthash`` is what the host's WebUI writes into infotexts (``Lora hashes``): A1111 hashes the tensor
+    data (the addnet hash, also Civitai's AutoV3), Forge the whole file; ``sha256`` is always the addnet hash.
+    """
     rep = outcome.export
+    hash_of = getattr(host, "lora_hash", None)
+    webui_hash = hash_of(outcome.path) if hash_of is not None else rep.sha256
     data: dict[str, Any] = {
         "file": str(outcome.path),
         "name": outcome.path.stem,
         "sha256": rep.sha256,
-        "shorthash": rep.shorthash,
+        "shorthash": webui_hash[:12],
         "tag": outcome.tag,
         "trigger_words": outcome.trigger_words,
         "layers": len(rep.layers),
@@ -122,25 +128,29 @@ class MergeService:
 
     def _run(self, job_id: str, work: Callable[[Progress], Any]) -> None:
         status, progress, objects = self._jobs[job_id]
+        # a BaseException (SystemExit, KeyboardInterrupt raised in this thread) leaves this: never stuck "running"
+        state, error, summary = "failed", "internal error: the job stopped unexpectedly; nothing was written", None
         try:
             with self.host.job(progress):
                 result = work(progress)
             objects["result"] = result
             if isinstance(result, MergeOutcome):
-                status.result = outcome_summary(result)
-            status.state = "done"
+                summary = outcome_summary(result, self.host)
+            state, error = "done", None
         except JobInterrupted as err:
-            status.state, status.error = "interrupted", str(err)
+            state, error = "interrupted", str(err)
         except ZipLoraError as err:
-            status.state, status.error = "failed", str(err)
+            state, error = "failed", str(err)
         except Exception as err:  # noqa: BLE001 - one readable line for the user, the traceback in the log
             log.exception("ZipLoRA job %s failed", job_id)
-            status.state, status.error = "failed", f"internal error: {type(err).__name__}: {' '.join(str(err).split())}"[:500]
+            state, error = "failed", f"internal error: {type(err).__name__}: {' '.join(str(err).split())}"[:500]
         finally:
-            status.finished = time.time()
-            status.progress = progress.snapshot()
             with self._lock:
                 self._running = None
+            status.finished = time.time()
+            status.progress = progress.snapshot()
+            status.result, status.error = summary, error
+            status.state = state  # last: whoever sees the job end can start the next one at once
 
     # -- asking ---------------------------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:

@@ -1040,9 +1040,21 @@ def build_world(toy: ToyXL, lora_dir: Path, basedir: Path | None = None) -> A111
     scripts = types.ModuleType("modules.scripts")
     scripts.basedir = lambda: str(world.basedir)  # modules/scripts.py basedir: the extension's folder during import
 
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.__doc__ = "stand-in of modules/sd_models.py (model_data only)"
+
+    class SdModelData:
+        """Mirrors sd_models.SdModelData: ``sd_model`` is the loaded model or None; reading it loads nothing."""
+
+        @property
+        def sd_model(self) -> Any:
+            return getattr(shared, "sd_model", None)
+
+    sd_models.model_data = SdModelData()
+
     for name, mod in (("devices", devices), ("shared", shared), ("call_queue", call_queue), ("prompt_parser", prompt_parser),
                       ("sd_unet", sd_unet), ("sd_samplers_common", sd_samplers_common), ("scripts", scripts),
-                      ("script_callbacks", _make_script_callbacks())):  # fmt: skip
+                      ("sd_models", sd_models), ("script_callbacks", _make_script_callbacks())):  # fmt: skip
         world.modules[f"modules.{name}"] = mod
         setattr(package, name, mod)
     world.modules["modules"] = package

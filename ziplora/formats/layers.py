@@ -285,7 +285,21 @@ class LohaLayer(LayerSource):
 
     def _check(self) -> None:
         w1a, w1b, w2a, w2b = (self.t[k] for k in self.required)
-        if self.t.get("hada_t1") is None and self.t.get("hada_t2") is None:
+        for name, dims in (("hada_w1_a", (2,)), ("hada_w2_a", (2,)), ("hada_w1_b", (2, 4)), ("hada_w2_b", (2, 4)),
+                           ("hada_t1", (4,)), ("hada_t2", (4,))):  # fmt: skip
+            if name in self.t and self.t[name].dim() not in dims:
+                raise self._fail(f"{name} of shape {list(self.t[name].shape)} is not a LoHa factor")
+        t1, t2 = self.t.get("hada_t1"), self.t.get("hada_t2")
+        if (t1 is None) != (t2 is None):
+            raise self._fail("a Tucker core (hada_t1/hada_t2) on one Hadamard factor only")
+        if t1 is not None and t2 is not None:
+            # rebuilt as einsum("ijkl,jr,ip->prkl", t, w_b, w_a): the cores' first two sizes are the factors' ranks
+            for t, a, b in ((t1, w1a, w1b), (t2, w2a, w2b)):
+                if b.dim() != 2 or t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
+                    raise self._fail(f"mismatched shapes: Tucker core {list(t.shape)} with {list(a.shape)} and {list(b.shape)}")
+            if (w1a.shape[1], w1b.shape[1], *t1.shape[2:]) != (w2a.shape[1], w2b.shape[1], *t2.shape[2:]):
+                raise self._fail("mismatched shapes: the two Hadamard factors have different outer sizes")
+        if t1 is None and t2 is None:
             if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
                 raise self._fail(f"mismatched shapes: hada w1 {list(w1a.shape)}x{list(w1b.shape)}, w2 {list(w2a.shape)}x{list(w2b.shape)}")
             if w1a.shape[0] != w2a.shape[0] or w1b.reshape(w1b.shape[0], -1).shape[1] != w2b.reshape(w2b.shape[0], -1).shape[1]:
@@ -350,6 +364,15 @@ class LokrLayer(LayerSource):
     def _check(self) -> None:
         if not self.matches(set(self.t)):
             raise self._fail("incomplete LoKr layer")
+        for name, t in self.t.items():
+            dims = {"lokr_w2": (2, 4), "lokr_w2_b": (2, 4), "lokr_t2": (4,), "alpha": None, "scale": None}.get(name, (2,))
+            if dims is not None and t.dim() not in dims:
+                raise self._fail(f"{name} of shape {list(t.shape)} is not a LoKr factor")
+        t2 = self.t.get("lokr_t2")
+        if t2 is not None and "lokr_w2_a" in self.t:
+            a, b = self.t["lokr_w2_a"], self.t["lokr_w2_b"]
+            if b.dim() != 2 or t2.shape[0] != a.shape[0] or t2.shape[1] != b.shape[0]:
+                raise self._fail(f"mismatched shapes: lokr_t2 {list(t2.shape)}, lokr_w2_a {list(a.shape)}, lokr_w2_b {list(b.shape)}")
         for a, b in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")):
             if a in self.t and self.t.get("lokr_t2") is None and self.t[a].shape[1] != self.t[b].shape[0]:
                 raise self._fail(f"mismatched shapes: {a} {list(self.t[a].shape)} and {b} {list(self.t[b].shape)}")

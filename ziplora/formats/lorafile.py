@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ class LoraFile:
         path = self.path.with_suffix(".json")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -145,14 +146,14 @@ class LoraFile:
             return {}
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return {}
         if not isinstance(data, dict):
             return {}
         out: dict[str, dict[str, int]] = {}
         for folder, tags in data.items():
-            if isinstance(tags, dict):
-                out[str(folder)] = {str(t): int(c) for t, c in tags.items() if isinstance(c, (int, float))}
+            if isinstance(tags, dict):  # counts as written by kohya; NaN / 1e999 (json's inf) are no counts
+                out[str(folder)] = {str(t): int(c) for t, c in tags.items() if isinstance(c, (int, float)) and math.isfinite(c)}
         return out
 
     @property
@@ -196,7 +197,7 @@ def _peft_alphas(metadata: dict[str, str], groups: dict[LayerKey, dict[str, str]
         return {}
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(config, dict):
         return {}

@@ -8,6 +8,7 @@ then renames it into place, so a failed write never leaves a partial file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,14 +22,20 @@ from typing import BinaryIO
 
 import torch
 
-from ziplora.errors import LoraFormatError
+from ziplora.errors import JobFailed, LoraFormatError
 
 __all__ = [
     "TensorInfo",
     "SafetensorsFile",
     "PendingTensor",
     "write_safetensors",
+    "stage_safetensors",
+    "stage_file",
+    "stage_bytes",
+    "StagedFile",
+    "atomic_write",
     "atomic_write_bytes",
+    "write_failed",
     "addnet_hash",
     "MAX_HEADER_BYTES",
 ]
@@ -79,7 +86,19 @@ class SafetensorsFile:
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._parse()
+        try:
+            self._parse()
+        except OSError as err:  # unreadable (permissions, I/O error, removed meanwhile): one line, not a traceback
+            raise self._unreadable(err) from None
+
+    def _unreadable(self, err: OSError) -> LoraFormatError:
+        return self._fail(f"cannot be read ({err.strerror or err})")
+
+    def _open(self) -> BinaryIO:
+        try:
+            return self.path.open("rb")
+        except OSError as err:
+            raise self._unreadable(err) from None
 
     def _fail(self, why: str) -> LoraFormatError:
         return LoraFormatError(f"{self.path.name}: {why}")
@@ -167,11 +186,11 @@ class SafetensorsFile:
     @contextmanager
     def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
         """Yields ``read(name) -> tensor`` over one open file handle."""
-        with self.path.open("rb") as f:
+        with self._open() as f:
             yield lambda name: self._read(f, name)
 
     def read(self, name: str) -> torch.Tensor:
-        with self.path.open("rb") as f:
+        with self._open() as f:
             return self._read(f, name)
 
     def _read(self, f: BinaryIO, name: str) -> torch.Tensor:
@@ -180,7 +199,11 @@ class SafetensorsFile:
         f.seek(self._data_offset + info.start)
         nbytes = info.end - info.start
         buf = bytearray(nbytes)
-        if f.readinto(buf) != nbytes:
+        try:
+            got = f.readinto(buf)
+        except OSError as err:
+            raise self._unreadable(err) from None
+        if got != nbytes:
             raise self._fail(f"truncated: tensor {name!r} could not be read whole")
         if nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype)
@@ -189,10 +212,13 @@ class SafetensorsFile:
     def data_hash(self) -> str:
         """The addnet hash (A1111's LoRA hash): sha256 of everything after the header."""
         h = hashlib.sha256()
-        with self.path.open("rb") as f:
+        with self._open() as f:
             f.seek(self._data_offset)
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            try:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            except OSError as err:
+                raise self._unreadable(err) from None
         return h.hexdigest()
 
 
@@ -228,6 +254,26 @@ def write_safetensors(
     ``tensors`` is either a dict (written in key order) or a list of ``PendingTensor`` whose producers
     are called one at a time in order.
     """
+    digest, staged = stage_safetensors(path, tensors, metadata, overwrite)
+    try:
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    return digest
+
+
+def stage_safetensors(
+    path: str | Path,
+    tensors: Iterable[PendingTensor] | dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> tuple[str, StagedFile]:
+    """Write the whole file under a temporary name beside ``path``; the caller commits or discards it.
+
+    Returns (addnet hash, staged file). Several files written together (a LoRA and its companions) are all
+    staged first and committed last, so running out of space on any of them changes nothing on disk.
+    """
     if isinstance(tensors, dict):
         pending = [PendingTensor(k, v.dtype, tuple(v.shape), (lambda v=v: v)) for k, v in tensors.items()]
     else:
@@ -260,30 +306,133 @@ def write_safetensors(
             digest.update(data)
             f.write(data)
 
-    atomic_write(Path(path), body, overwrite=overwrite)
-    return digest.hexdigest()
+    staged = stage_file(Path(path), body, overwrite=overwrite)
+    return digest.hexdigest(), staged
 
 
-def atomic_write(path: Path, body: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename; never a partial target."""
+def write_failed(path: Path, err: OSError) -> JobFailed:
+    """One readable line for a write the system refused (disk full, read-only folder, no permission, ...)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return JobFailed(f"cannot write {path.name} in {path.parent}: {reason}; nothing was written")
+
+
+class _Sink:
+    """The temporary file as ``body`` sees it: whole writes, and the system's refusals as one-line errors
+    (a disk that fills up is not an internal error)."""
+
+    def __init__(self, raw: BinaryIO, path: Path) -> None:
+        self._raw, self._path = raw, path
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                n = self._raw.write(view[done:])
+            except OSError as err:
+                raise write_failed(self._path, err) from None
+            if not n:
+                raise write_failed(self._path, OSError(errno.EIO, "the file system accepted no more data"))
+            done += n
+        return done
+
+
+# link() failures that mean "this file system has no hard links", not "the target exists"
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+class StagedFile:
+    """A complete, synced file under a temporary name beside its target.
+
+    ``commit`` puts it in place: a rename when overwriting, else a hard link that fails if the target appeared
+    in the meantime (another process writing the same name), so an existing file is never replaced silently.
+    ``discard`` removes it. Either leaves no temporary file behind.
+    """
+
+    def __init__(self, path: Path, tmp: str, overwrite: bool) -> None:
+        self.path, self.tmp, self.overwrite = path, tmp, overwrite
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            return
+        try:
+            if self.overwrite:
+                os.replace(self.tmp, self.path)
+            else:
+                try:
+                    os.link(self.tmp, self.path)
+                except FileExistsError:
+                    raise _appeared(self.path) from None
+                except OSError as err:
+                    if err.errno not in _NO_HARD_LINKS:
+                        raise
+                    if self.path.exists():
+                        raise _appeared(self.path) from None
+                    os.replace(self.tmp, self.path)
+                    self.tmp = None
+                    return
+                try:  # the target is in place: the temporary name is only a second link to it now
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
+        except OSError as err:
+            raise write_failed(self.path, err) from None
+        self.tmp = None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+def _appeared(path: Path) -> Exception:
+    from ziplora.errors import OutputExistsError
+
+    return OutputExistsError(f"{path.name} appeared in {path.parent} while this was being written; choose another name or allow overwriting")
+
+
+def stage_file(path: Path, body: Callable[[BinaryIO], None], overwrite: bool = False) -> StagedFile:
+    """Write ``body`` to a temporary file beside ``path`` and sync it; nothing is left behind on any failure."""
     if path.exists() and not overwrite:
         from ziplora.errors import OutputExistsError
 
         raise OutputExistsError(f"{path.name} exists; choose another name or allow overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            body(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; a LoRA is an ordinary file
-        os.replace(tmp_name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as err:
+        raise write_failed(path, err) from None
+    try:
+        # unbuffered: every write reaches the system inside ``_Sink``, so closing has nothing left to fail on
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            body(_Sink(f, path))  # type: ignore[arg-type]
+            try:
+                os.fsync(f.fileno())
+            except OSError as err:
+                raise write_failed(path, err) from None
+        try:
+            os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; a LoRA is an ordinary file
+        except OSError as err:
+            raise write_failed(path, err) from None
     except BaseException:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        raise
+    return StagedFile(path, tmp_name, overwrite)
+
+
+def atomic_write(path: Path, body: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename; never a partial target."""
+    staged = stage_file(path, body, overwrite=overwrite)
+    try:
+        staged.commit()
+    except BaseException:
+        staged.discard()
         raise
 
 
@@ -298,3 +447,7 @@ _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not 
 
 def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = False) -> None:
     atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
+
+
+def stage_bytes(path: Path, data: bytes, overwrite: bool = False) -> StagedFile:
+    return stage_file(path, lambda f: f.write(data), overwrite=overwrite)

@@ -375,6 +375,37 @@ def _extra_networks_off(sd_model: nn.Module) -> Iterator[None]:
         hypernetworks[:] = saved_hypernetworks
 
 
+def _loaded_model() -> nn.Module | None:
+    """The loaded checkpoint, or None; never loads one (``shared.sd_model`` would)."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return None
+    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+
+
+def _unbake(networks: Any, name: str) -> int:
+    """Undo the bake of LoRA ``name`` wherever A1111's default (non-functional) path holds it in the weights.
+
+    A rewritten file keeps its name, so A1111's marker of what a module holds (``network_current_names``:
+    name and multipliers, no file time) still matches on the next generation with ``<lora:NAME:...>``, and
+    ``network_apply_weights`` keeps the OLD tensors baked in although ``load_networks`` re-read the file.
+    Putting those modules back to their backups (and marking them unbaked) makes the next forward apply the
+    new file; a generation without the LoRA then finds clean weights. Returns how many modules were reset."""
+    model = _loaded_model()
+    if model is None:
+        return 0
+    count = 0
+    with torch.no_grad():  # restore_weights_backup copies in place; the UNet's weights require grad
+        for module in model.modules():
+            current = getattr(module, "network_current_names", ())
+            if any(isinstance(entry, tuple) and entry and entry[0] == name for entry in current):
+                networks.network_restore_weights_from_backup(module)
+                module.network_current_names = ()
+                count += 1
+    return count
+
+
 @contextmanager
 def _frozen(sd_model: nn.Module) -> Iterator[None]:
     """No parameter of the model trains (A1111 leaves the UNet's requires_grad at True); sgm's own gradient
@@ -452,7 +483,9 @@ class A1111Host:
         networks = _networks()
         if networks is None:
             return
-        networks.networks_in_memory.pop(Path(path).stem, None)
+        stem = Path(path).stem
+        networks.networks_in_memory.pop(stem, None)
+        _unbake(networks, stem)
         networks.list_available_networks()
 
     def default_prompts(self, content_words: list[str], style_words: list[str]) -> tuple[str, str]:

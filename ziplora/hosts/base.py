@@ -32,6 +32,7 @@ __all__ = [
     "resolve_in_roots",
     "list_lora_files",
     "SessionOptions",
+    "available_memory",
 ]
 
 
@@ -106,6 +107,10 @@ class Host(Protocol):
 
         Called inside ``job``; the WebUIs render through their own txt2img, nothing saved to outputs."""
 
+    # Optional (looked up with getattr):
+    #   default_prompts(content_words, style_words) -> (content prompt, style prompt)
+    #   lora_hash(path) -> the hash the WebUI writes into infotexts, when it is not the addnet hash (Forge)
+
 
 def resolve_in_roots(roots: dict[str, nn.Module], key: LayerKey) -> tuple[nn.Module, str]:
     """Default resolver: the key's path inside ``roots[component]``."""
@@ -172,3 +177,21 @@ class FilesHost:
 
     def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:
         raise HostError("previews need a model: use the WebUI tab or the toy host")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the job: the GPU's free memory, or the system's available RAM on the CPU (Linux)."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no answer is an answer: the caller keeps its default
+            return None
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None

@@ -407,6 +407,39 @@ def _expose_shapes(root: nn.Module) -> list[nn.Module]:
     return changed
 
 
+def _recompute_casts(root: nn.Module) -> list[nn.Module]:
+    """Layers that cast their stored weight to the input's dtype at every forward (``parameters_manual_cast``:
+    fp8 storage, ``--unet-in-fp16`` computing in fp32 on a CPU, a partial load) hand ``F.linear`` / the conv a
+    fresh copy, which autograd keeps until backward: the whole UNet again in the computation dtype (~10 GiB
+    for SDXL in fp32; seen on a real Forge). While the job runs, such a layer's forward is recomputed in
+    backward instead (``torch.utils.checkpoint``): only its input is kept. Quantised layers are left alone
+    (their dequantised copies are the same story, but their backward is probed separately)."""
+    from torch.utils.checkpoint import checkpoint
+
+    changed: list[nn.Module] = []
+    for module in root.modules():
+        if not getattr(module, "parameters_manual_cast", False) or _quantised_kind(module) is not None:
+            continue
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or "forward" in module.__dict__:
+            continue
+        original = module.forward
+
+        def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        module.forward = forward  # an instance attribute: the class's forward comes back when it is deleted
+        changed.append(module)
+    return changed
+
+
+def _restore_forwards(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.__dict__.pop("forward", None)
+
+
 def _probe_backward(root: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Say up front, not after minutes of sampling, when gradients cannot flow through a low-bit layer class."""
     seen: set[type] = set()
@@ -472,6 +505,17 @@ class ForgeHost:
 
     def list_loras(self) -> list[Path]:
         return list_lora_files(self.lora_dir())
+
+    def lora_hash(self, path: Path) -> str:
+        """What Forge writes into infotexts: ``modules/hashes.py`` ``sha256`` hashes the whole file (unlike
+        A1111, whose LoRA hash skips the header), and ``network.NetworkOnDisk.set_hash`` keeps 12 characters."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def after_write(self, path: Path) -> None:
         """Rescan Forge's LoRA list; drop its cached tensors and its "LoRAs already applied" markers when they
@@ -594,6 +638,10 @@ class ForgeHost:
                     stack.callback(norm.register_forward_pre_hook(_clone_first_input).remove)
             for module in _expose_shapes(dm):
                 stack.callback(_forget_shape, module)
+            recast = _recompute_casts(dm)
+            stack.callback(_restore_forwards, recast)
+            if recast:
+                log.info("ZipLoRA: %d layers cast their weights at each forward; the casts are recomputed for backward", len(recast))
             _probe_backward(dm, torch.device(unet.load_device), dtype)
             yield ForgeSession(sd_model, unet, mm, dtype, memory, resolution, self.default_guidance)
 

@@ -62,16 +62,29 @@ def _key(result: dict[str, Any]) -> tuple[float, float]:
     return (both["both_right"], both["subject_probability"] + both["style_probability"])
 
 
-def run_quality(quick: bool = False, steps: int = 100, seeds_per_cell: int = 16, log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def run_quality(
+    quick: bool = False,
+    steps: int = 100,
+    seeds_per_cell: int = 16,
+    log=print,  # type: ignore[no-untyped-def]
+    assets: Path | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    pairs_limit: int | None = None,
+) -> dict[str, Any]:
+    """``assets``: a folder laid out like ziplora/toy/assets (default: the bundled one). ``variants``: extra
+    ZipLoRA runs to compare, name -> MergeRequest overrides (e.g. {"zip_mean": {"reduction": "mean"}})."""
     from ziplora.hosts.toy import ToyHost
-    from ziplora.toy.assets import LORA_DIR, load_scorers
+    from ziplora.toy.assets import ASSETS, load_base_model, load_scorers
     from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS
 
     t_start = time.perf_counter()
-    scorers = load_scorers()
-    host = ToyHost(LORA_DIR)
+    folder = assets or ASSETS
+    LORA_DIR = folder / "loras"  # noqa: N806
+    scorers = load_scorers(folder / "scorers.safetensors")
+    host = ToyHost(LORA_DIR, model=load_base_model(folder / "base.safetensors"))
+    zip_variants = {"zip_dot": {"similarity": "dot"}, "zip_cos": {"similarity": "cos"}, **(variants or {})}
     seeds = list(range(2000, 2000 + (4 if quick else seeds_per_cell)))
-    pairs = list(product(SUBJECT_LORAS, STYLE_LORAS))[: 1 if quick else None]
+    pairs = list(product(SUBJECT_LORAS, STYLE_LORAS))[: 1 if quick else pairs_limit]
     work = Path(tempfile.mkdtemp(prefix="ziplora-quality-"))
     rows: list[dict[str, Any]] = []
     for subj, sty in pairs:
@@ -86,12 +99,9 @@ def run_quality(quick: bool = False, steps: int = 100, seeds_per_cell: int = 16,
         best = max(grid, key=lambda ab: _key(grid[ab]))
         results["weighted"] = {**grid[best], "weights": list(best)}
         zip_info = {}
-        for name, similarity in (("zip_dot", "dot"), ("zip_cos", "cos")):
-            outcome = run_merge(
-                MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", steps=steps, similarity=similarity,
-                             overwrite=True, content_prompt=subj.prompt, style_prompt=sty.prompt),
-                host, Progress(), output_dir=work,
-            )  # fmt: skip
+        for name, overrides in zip_variants.items():
+            fields = {"steps": steps, "overwrite": True, "content_prompt": subj.prompt, "style_prompt": sty.prompt, **overrides}
+            outcome = run_merge(MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", **fields), host, Progress(), output_dir=work)
             z = outcome.zip
             assert z is not None
             zip_info[name] = {"steps": z.steps_run, "similarity_after": z.final_similarity, "movement": z.movement.mean_abs_change,
@@ -104,7 +114,8 @@ def run_quality(quick: bool = False, steps: int = 100, seeds_per_cell: int = 16,
         rows.append({"subject": subj.name, "style": sty.name, "results": results, "ziplora": zip_info,
                      "reference": {"subject_alone": ref_subject, "style_alone": ref_style}})  # fmt: skip
         log(f"{subj.name} x {sty.name}: " + ", ".join(f"{m} {results[m]['both']['both_right']:.2f}" for m in results) + f" ({time.perf_counter() - t_pair:.0f} s)")
-    summary = {m.name: _mean_metrics([r["results"][m.name] for r in rows]) for m in METHODS}
+    names = ["direct", "weighted", *zip_variants]
+    summary = {name: _mean_metrics([r["results"][name] for r in rows]) for name in names}
     return {
         "date": _dt.date.today().isoformat(),
         "pairs": len(rows),
