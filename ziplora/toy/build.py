@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-base", action="store_true", help="keep the base model already in --out")
     ap.add_argument("--lora-steps", type=int, default=400)
     ap.add_argument("--scorer-steps", type=int, default=ScorerTrainConfig().steps)
+    ap.add_argument("--reuse-scorers", action="store_true", help="keep the scorers already in --out (they are re-evaluated)")
+    ap.add_argument("--base-note", default="", help="how the base model was trained, when --reuse-base keeps it")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole build (minutes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -126,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     timings["loras"] = time.time() - t0
 
     t0 = time.time()
-    scfg = ScorerTrainConfig(steps=args.scorer_steps, seed=args.seed, pool=1024 if args.quick else ScorerTrainConfig().pool)
-    scorers = Scorers(train_scorer("subject", scfg), train_scorer("style", scfg))
-    save_scorers(out / "scorers.safetensors", scorers)
+    if args.reuse_scorers and (out / "scorers.safetensors").is_file():
+        from ziplora.toy.scorers import load_scorers
+
+        scorers = load_scorers(out / "scorers.safetensors")
+    else:
+        scfg = ScorerTrainConfig(steps=args.scorer_steps, seed=args.seed, pool=1024 if args.quick else ScorerTrainConfig().pool)
+        scorers = Scorers(train_scorer("subject", scfg), train_scorer("style", scfg))
+        save_scorers(out / "scorers.safetensors", scorers)
     accuracy = {
         "subject_heldout": evaluate_scorer(scorers.subject, "subject", 200 if args.quick else 2000),
         "style_heldout": evaluate_scorer(scorers.style, "style", 200 if args.quick else 2000),
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": "cpu", "torch": torch.__version__, "python": platform.python_version()},  # fmt: skip
         "seed": args.seed,
         "base_steps": args.base_steps,
+        "base_note": args.base_note,
         "loras": loras,
         "scorer_accuracy": accuracy,
         "base_model_recognised": base_eval,

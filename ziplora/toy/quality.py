@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from ziplora.export import ExportOptions, export_merge
+from ziplora.formats import open_lora
 from ziplora.jobs import run_merge
+from ziplora.metadata import Provenance
 from ziplora.progress import Progress
 from ziplora.request import MergeRequest
 
@@ -38,9 +41,10 @@ class Method:
 
 METHODS = (
     Method("direct", "direct merge (1, 1)"),
-    Method("weighted", "best weighted sum (oracle)"),
+    Method("weighted", "best weighted sum on {0.5, 0.75, 1}² (oracle)"),
     Method("zip_dot", "ZipLoRA, |m_c·m_s| (default)"),
     Method("zip_cos", "ZipLoRA, |cos(m_c, m_s)|"),
+    Method("zip_tuned", "ZipLoRA + best style multiplier in {0.5, 0.75, 1} (oracle)"),
 )
 
 
@@ -108,13 +112,23 @@ def run_quality(
                               "share_below_0_1": (z.movement.share_below_0_1_content + z.movement.share_below_0_1_style) / 2,
                               "seconds": outcome.timings.get("total")}  # fmt: skip
             results[name] = _evaluate(host, scorers, [(outcome.path, 1.0)], subj, sty, seeds)
+            if name == "zip_dot":
+                # what a user does next: move the style multiplier and write again (the tab's one knob)
+                tuned = {1.0: results[name]}
+                for w in WEIGHTS[:-1]:
+                    path = work / f"{outcome.path.stem}-w{w}.safetensors"
+                    export_merge(open_lora(c_path), open_lora(s_path), path, ExportOptions(style_multiplier=w, overwrite=True),
+                                 Provenance("ziplora", style_multiplier=w), z.mergers)  # fmt: skip
+                    tuned[w] = _evaluate(host, scorers, [(path, 1.0)], subj, sty, seeds)
+                best_w = max(tuned, key=lambda w: _key(tuned[w]))
+                results["zip_tuned"] = {**tuned[best_w], "style_multiplier": best_w}
         for name, res in results.items():
             res["retention_subject"] = _ratio(res["subject_alone"]["subject_right"], ref_subject["subject_right"])
             res["retention_style"] = _ratio(res["style_alone"]["style_right"], ref_style["style_right"])
         rows.append({"subject": subj.name, "style": sty.name, "results": results, "ziplora": zip_info,
                      "reference": {"subject_alone": ref_subject, "style_alone": ref_style}})  # fmt: skip
         log(f"{subj.name} x {sty.name}: " + ", ".join(f"{m} {results[m]['both']['both_right']:.2f}" for m in results) + f" ({time.perf_counter() - t_pair:.0f} s)")
-    names = ["direct", "weighted", *zip_variants]
+    names = ["direct", "weighted", *zip_variants, "zip_tuned"]
     summary = {name: _mean_metrics([r["results"][name] for r in rows]) for name in names}
     return {
         "date": _dt.date.today().isoformat(),
