@@ -76,3 +76,19 @@ def test_the_summary_shows_the_hash_the_hosts_webui_writes_into_infotexts(toy_ho
     status = service.wait(service.submit_merge(_request(output_name="again", seed=1)), 300)
     whole_file = hashlib.sha256((lora_dir / "again.safetensors").read_bytes()).hexdigest()
     assert status.result["shorthash"] == whole_file[:12] != status.result["sha256"][:12]
+
+
+def test_reference_images_of_any_size_are_cropped_and_resized(toy_host, lora_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i, (w, h) in enumerate(((48, 30), (64, 64), (20, 90))):
+        path = tmp_path / f"ref{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    service = MergeService(toy_host)
+    req = _request(inputs="images", content_images=tuple(paths[:2]), style_images=(paths[2],), samples=2)
+    status = service.wait(service.submit_merge(req), 300)
+    assert status.state == "done", status.error
+    assert (lora_dir / "zipped.safetensors").is_file()

@@ -98,10 +98,19 @@ def load_factors(content: LoraFile, style: LoraFile, progress: Progress) -> dict
     return out
 
 
-def _load_images(paths: tuple[str, ...]) -> torch.Tensor:
+def _load_images(paths: tuple[str, ...], size: int) -> torch.Tensor:
+    """Reference images as one batch: each centre-cropped to a square and resized to the job's resolution."""
     from ziplora.images import load_image
 
-    return torch.stack([load_image(Path(p)) for p in paths])
+    images = []
+    for p in paths:
+        img = load_image(Path(p))
+        h, w = img.shape[1:]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = img[:, top : top + side, left : left + side][None]
+        images.append(torch.nn.functional.interpolate(square, size=(size, size), mode="area" if side > size else "bilinear")[0])
+    return torch.stack(images)
 
 
 def _oom_types() -> tuple[type[BaseException], ...]:
@@ -169,7 +178,7 @@ def _optimise(
         if request.inputs == "images":
             inputs = reference_inputs(
                 session, patches, prompts[0], prompts[1],
-                _load_images(request.content_images), _load_images(request.style_images), options, progress,
+                _load_images(request.content_images, resolution), _load_images(request.style_images, resolution), options, progress,
             )  # fmt: skip
         else:
             inputs = data_free_inputs(session, patches, prompts[0], prompts[1], options, progress)
