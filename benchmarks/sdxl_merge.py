@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +42,6 @@ from ziplora.schedule import NoiseSchedule  # noqa: E402
 from ziplora.synthetic import attention_layers, write_random_lora  # noqa: E402
 from ziplora.toy.model import UNetConfig, UNetModel  # noqa: E402
 from ziplora.toy.pipeline import UNET_CONFIG as SMOKE_CONFIG  # noqa: E402  (the toy UNet: SDXL's layout, small)
-
 
 
 def random_unet(config: UNetConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> UNetModel:

@@ -43,12 +43,12 @@ class Progress:
         self._interrupt_sources: list[Callable[[], bool]] = []
 
     # -- hooks for hosts (A1111/Forge mirror this into shared.state and read its Interrupt flag) ----------
-    def add_listener(self, listener: "Callable[[Progress], None]") -> Callable[[], None]:
+    def add_listener(self, listener: Callable[[Progress], None]) -> Callable[[], None]:
         """Call ``listener(self)`` on every change; returns a function that removes it."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def add_interrupt_source(self, source: "Callable[[], bool]") -> Callable[[], None]:
+    def add_interrupt_source(self, source: Callable[[], bool]) -> Callable[[], None]:
         """Also stop when ``source()`` is true; returns a function that removes it."""
         self._interrupt_sources.append(source)
         return lambda: self._interrupt_sources.remove(source) if source in self._interrupt_sources else None
@@ -92,7 +92,7 @@ class Progress:
             spent = time.monotonic() - self.stage_started
             return spent / self.done * (self.total - self.done)
 
-    def snapshot(self) -> "ProgressState":
+    def snapshot(self) -> ProgressState:
         eta = self.eta_seconds()
         with self._lock:
             return ProgressState(self.stage, self.done, self.total, self.text, eta, list(self.records))

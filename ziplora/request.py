@@ -106,7 +106,7 @@ class MergeRequest:
     style_images: tuple[str, ...] = field(default_factory=tuple)
     merge_text_encoders: bool = True
 
-    def validated(self) -> "MergeRequest":
+    def validated(self) -> MergeRequest:
         """A checked copy (the output name normalised); raises ``InvalidRequestError`` with one line."""
         for name in ("content", "style"):
             value = getattr(self, name)
@@ -164,7 +164,7 @@ class MergeRequest:
         return asdict(self)
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "MergeRequest":
+    def from_dict(data: dict[str, Any]) -> MergeRequest:
         """From JSON (the API): unknown keys are an error, not silently dropped."""
         if not isinstance(data, dict):
             raise InvalidRequestError("the request must be a JSON object")

@@ -33,7 +33,7 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"  # or "v_prediction"
 
     @staticmethod
-    def scaled_linear(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "NoiseSchedule":
+    def scaled_linear(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> NoiseSchedule:
         """SDXL's schedule (sgm ``LegacyDDPMDiscretization``)."""
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
         return NoiseSchedule(torch.cumprod(1 - betas, dim=0).float())

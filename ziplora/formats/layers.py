@@ -75,27 +75,27 @@ class Factors:
         """What A1111 divides alpha by: the rank of the down factor (the core's input rank with Tucker)."""
         return int(self.down.shape[0])
 
-    def scale_inputs(self, m: torch.Tensor) -> "Factors":
+    def scale_inputs(self, m: torch.Tensor) -> Factors:
         """dW · diag(m): scale each input column (conv: each input channel)."""
         m = m.to(self.down.dtype)
         shape = (1, -1) + (1,) * (self.down.dim() - 2)
         return Factors(self.up, self.down * m.reshape(shape), self.mid)
 
-    def scale_outputs(self, s: float | torch.Tensor) -> "Factors":
+    def scale_outputs(self, s: float | torch.Tensor) -> Factors:
         return Factors(self.up * s, self.down, self.mid)
 
-    def conventional(self) -> "Factors":
+    def conventional(self) -> Factors:
         """The same delta without a Tucker core (exact): down becomes [r, in, kh, kw]."""
         if self.mid is None:
             return self
         down = torch.einsum("rskl,si->rikl", self.mid.float(), self.down.float())
         return Factors(self.up, down, None)
 
-    def float(self) -> "Factors":
+    def float(self) -> Factors:
         return Factors(self.up.float(), self.down.float(), None if self.mid is None else self.mid.float())
 
     @staticmethod
-    def concat(parts: list["Factors"]) -> "Factors":
+    def concat(parts: list[Factors]) -> Factors:
         """One LoRA whose delta is the sum of the parts, exactly (rank = sum of ranks)."""
         parts = [p.float() for p in parts]
         if len(parts) == 1:

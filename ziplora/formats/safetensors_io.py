@@ -153,7 +153,7 @@ class SafetensorsFile:
             self.tensors[name] = info
             spans.append((info.start, info.end))
         spans.sort()
-        for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        for (_s0, e0), (s1, _) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise self._fail("corrupt header (tensor data overlaps)")
 

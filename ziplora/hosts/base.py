@@ -137,8 +137,7 @@ def list_lora_files(folder: Path) -> list[Path]:
 def iter_blocks(unet: nn.Module) -> Iterator[nn.Module]:
     """sgm layout: each input block, the middle block, each output block."""
     for name in ("input_blocks", "output_blocks"):
-        for block in getattr(unet, name, []):
-            yield block
+        yield from getattr(unet, name, [])
     middle = getattr(unet, "middle_block", None)
     if middle is not None:
         yield middle

@@ -79,7 +79,7 @@ class ToyHost:
         self.refreshed: list[Path] = []
 
     @classmethod
-    def with_bundled_loras(cls, lora_dir: str | Path) -> "ToyHost":
+    def with_bundled_loras(cls, lora_dir: str | Path) -> ToyHost:
         """A host whose folder holds copies of the bundled subject and style LoRAs (copied once)."""
         from ziplora.toy.assets import bundled_lora_files
 

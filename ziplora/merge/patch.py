@@ -60,7 +60,7 @@ class Part:
     merger: MergerView | None  # fp32 [in], learned during optimisation
 
     @staticmethod
-    def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: MergerView | None) -> "Part":
+    def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: MergerView | None) -> Part:
         return Part(
             f.up.to(device, dtype),
             f.down.to(device, dtype),

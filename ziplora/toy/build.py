@@ -23,7 +23,7 @@ import torch
 
 from ziplora.toy import world
 from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS, ToyLora
-from ziplora.toy.scorers import ScorerTrainConfig, Scorers, evaluate_scorer, save_scorers, train_scorer
+from ziplora.toy.scorers import Scorers, ScorerTrainConfig, evaluate_scorer, save_scorers, train_scorer
 from ziplora.toy.train_base import BaseTrainConfig, train_base
 from ziplora.toy.train_lora import LoraTrainConfig, save_kohya_lora, train_lora
 

@@ -22,22 +22,24 @@ __all__ = ["run_demo"]
 
 ROWS = ("subject LoRA alone", "style LoRA alone", "direct merge", "ZipLoRA")
 COLUMNS = ("subject in style", "subject alone", "style alone")
+DEFAULT_SUBJECT, DEFAULT_STYLE = "heart_sks", "zebra_zwx"
 SEEDS = list(range(1000, 1016))  # 16 fixed seeds per cell for the scores; the grid shows the first 4
 
 
 def run_demo(out: Path, subject: str | None = None, style: str | None = None, steps: int = 100) -> int:
     t_start = time.perf_counter()
+    from ziplora.errors import InvalidRequestError
     from ziplora.hosts.toy import ToyHost
     from ziplora.toy.assets import LORA_DIR, load_scorers
-    from ziplora.toy.catalog import both_prompt, by_name
+    from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS, both_prompt
     from ziplora.toy.evaluate import render_stack, score_images
 
-    subj = by_name(subject or "heart_sks")
-    sty = by_name(style or "zebra_zwx")
-    if subj.kind != "subject" or sty.kind != "style":
-        from ziplora.errors import InvalidRequestError
-
-        raise InvalidRequestError("--subject must name a bundled subject LoRA and --style a bundled style LoRA")
+    subjects, styles = {s.name: s for s in SUBJECT_LORAS}, {s.name: s for s in STYLE_LORAS}
+    subject, style = subject or DEFAULT_SUBJECT, style or DEFAULT_STYLE
+    if subject not in subjects or style not in styles:
+        raise InvalidRequestError(f"--subject must name a bundled subject LoRA ({', '.join(subjects)}) "
+                                  f"and --style a bundled style LoRA ({', '.join(styles)})")  # fmt: skip
+    subj, sty = subjects[subject], styles[style]
     out.mkdir(parents=True, exist_ok=True)
     host = ToyHost(LORA_DIR)
     scorers = load_scorers()
@@ -125,4 +127,5 @@ def _print_table(report: dict) -> None:
           f"mergers moved {z['merger_movement']['mean_abs_change_content']:.3f} (subject) / "
           f"{z['merger_movement']['mean_abs_change_style']:.3f} (style) on average")  # fmt: skip
     print(f"wrote {report['files']['zipped']}, {report['files']['direct']}, {report['files']['grid']} in {report['seconds']['total']:.1f} s")
+    print(f"grid.png: rows {', '.join(report['rows'])}; columns {', '.join(report['columns'])}; 4 seeds per cell")
     print(f"use: {report['tag']}")

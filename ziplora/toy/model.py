@@ -54,7 +54,7 @@ class UNetConfig:
     norm_groups: int = 8
 
     @staticmethod
-    def sdxl_base() -> "UNetConfig":
+    def sdxl_base() -> UNetConfig:
         """The SDXL-base configuration (sgm ``configs/inference/sd_xl_base.yaml``)."""
         return UNetConfig(
             in_channels=4,

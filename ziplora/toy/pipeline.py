@@ -122,7 +122,7 @@ class ToyXL(nn.Module):
         return out
 
     @staticmethod
-    def load(path: str | Path) -> "ToyXL":
+    def load(path: str | Path) -> ToyXL:
         from safetensors.torch import load_file
 
         model = ToyXL()
