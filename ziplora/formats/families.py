@@ -64,7 +64,7 @@ def detect_family(
         width = _te_width(parsed, shapes, "te")
         fam = Family.SD2 if width == 1024 or metadata.get("ss_v2") == "True" else Family.SD1
         return fam, f"a single text encoder (lora_te_ keys{f', width {width}' if width else ''})"
-    for _tkey, path in unet_paths.items():
+    for path in unet_paths.values():
         m = re.match(r"^(input_blocks\.(1|2)\.1|output_blocks\.(9|10|11)\.|input_blocks\.(9|10|11)\.)", path)
         if m:
             fam = _context_family(parsed, shapes, unet_paths) or Family.SD1

@@ -208,7 +208,7 @@ def _findings(data: dict[str, Any]) -> str:
         f"LoRA's own score (direct merge {pct(s['direct']['retention_subject'] or 0)}); the style alone keeps "
         f"{pct(s['zip_dot']['retention_style'] or 0)} (direct {pct(s['direct']['retention_style'] or 0)}).",
         f"- The mergers move: mean |m - 1| {mean([z['movement'] for z in zips]):.3f}, {pct(mean([z['share_below_0_1'] for z in zips]))} "
-        f"of them end below 0.1; the mean per-layer |cos(m_c, m_s)| ends at {mean([z['similarity_after'] for z in zips]):.3f} (it starts at 1); "
+        f"of them end with |m| below 0.1; the mean per-layer |cos(m_c, m_s)| ends at {mean([z['similarity_after'] for z in zips]):.3f} (it starts at 1); "
         f"{mean([z['steps'] for z in zips]):.0f} steps and {mean([z['seconds'] or 0 for z in zips]):.0f} s per merge on this machine.",
     ]
     return "\n".join(lines)
