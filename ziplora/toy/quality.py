@@ -76,7 +76,8 @@ def run_quality(
     pairs_limit: int | None = None,
 ) -> dict[str, Any]:
     """``assets``: a folder laid out like ziplora/toy/assets (default: the bundled one). ``variants``: extra
-    ZipLoRA runs to compare, name -> MergeRequest overrides (e.g. {"zip_mean": {"reduction": "mean"}})."""
+    ZipLoRA runs to compare, name -> MergeRequest overrides (e.g. {"zip_mean": {"reduction": "mean"}});
+    ``{"inputs": "images"}`` alone uses each LoRA's own training images as the reference inputs."""
     from ziplora.hosts.toy import ToyHost
     from ziplora.toy.assets import ASSETS, load_base_model, load_scorers
     from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS
@@ -105,6 +106,9 @@ def run_quality(
         zip_info = {}
         for name, overrides in zip_variants.items():
             fields = {"steps": steps, "overwrite": True, "content_prompt": subj.prompt, "style_prompt": sty.prompt, **overrides}
+            if fields.get("inputs") == "images" and not fields.get("content_images"):
+                # reference inputs: each LoRA's own training images
+                fields["content_images"], fields["style_images"] = _training_pngs(subj, work), _training_pngs(sty, work)
             outcome = run_merge(MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", **fields), host, Progress(), output_dir=work)
             z = outcome.zip
             assert z is not None
@@ -140,6 +144,21 @@ def run_quality(
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
+
+
+def _training_pngs(spec, folder: Path) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    """The images a bundled LoRA was trained on (the build's seeds), as PNG files."""
+    from ziplora.images import save_png, to_uint8
+    from ziplora.toy.build import lora_training_data
+    from ziplora.toy.catalog import ALL_LORAS
+
+    images, _ = lora_training_data(spec, 100 + ALL_LORAS.index(spec))  # build_loras: seed + 100 + i, seed 0
+    paths = []
+    for k, image in enumerate(to_uint8(images)):
+        path = folder / f"{spec.name}-train-{k}.png"
+        save_png(image, path)
+        paths.append(str(path))
+    return tuple(paths)
 
 
 def _ratio(x: float | None, ref: float | None) -> float | None:
@@ -271,26 +290,30 @@ per cell ("both right", averaged; the same run's direct merge 21%, weighted sum 
 | lr 3e-2 | 17% | 83% | 0.24-0.44 |
 | text-encoder layers left out | 8% (identical: only the subject LoRA has them, so they carry no mergers) | 62% | 0.90 |
 | data-free inputs sampled with 50 steps instead of 20 | 21% | 38% | 0.88-0.91 |
+| reference-image inputs: each LoRA's own training images (`inputs="images"`) | 17% | 79% | 0.85-0.88 |
 
     python -c "from ziplora.toy.quality import run_quality; import json; print(json.dumps(run_quality(pairs_limit=3, seeds_per_cell=8, variants={{'zip_steps300': {{'steps': 300}}, 'zip_lr003': {{'lr': 0.03}}, 'zip_no_te': {{'merge_text_encoders': False}}, 'zip_res_sampling50': {{'sampling_steps': 50}}}})['summary'], indent=1))"
 
-- **Not the optimisation.** Three times the steps or the learning rate makes the mergers nearly orthogonal and
-  keeps more of the subject on its own prompt, yet the joint prompt gains little and stays below the direct merge.
+- **Not the optimisation, nor the inputs.** Three times the steps or the learning rate makes the mergers nearly
+  orthogonal and keeps more of the subject on its own prompt, and so do the LoRAs' real training images as inputs;
+  yet the joint prompt gains little and stays below the direct merge.
 - **The joint prompt is not in the objective.** The loss asks the merged LoRA to reproduce each LoRA on *its own*
-  prompt at full strength (style kept alone: 100% in every variant). Nothing asks for the subject and the style
+  prompt at full strength (style kept alone: 100% in every variant above). Nothing asks for the subject and the style
   together, and on that prompt one LoRA takes over. With the default ZipLoRA, in 5 of the 9 pairs above the style
   is right in at least 94% of images and the subject in at most 6%; in 2 (crescent_ohwx x zebra_zwx,
   tee_pqz x cocoa_kqr) it is the reverse; only crescent_ohwx x cocoa_kqr has both in most images.
 - **What the oracle does instead.** The weighted sum that wins keeps the subject at 1 and lowers the style in 5 of
   9 pairs: it trades the style's strength for the subject, tuned on the joint prompt itself. ZipLoRA with the style
   multiplier tuned the same way recovers part of the gap; that multiplier is the tab's one knob ("Write again").
-- **The style LoRAs are one-image LoRAs.** Trained on a single drawing, each also learned that drawing's shape, so
-  at full strength it pulls every prompt toward it. Column-wise orthogonal mergers cannot separate two deltas that
-  write the same output features (shape and texture live in the same channels of this small UNet).
+- **The style LoRAs are one-image LoRAs.** Trained on a single drawing, each also learned that drawing's shape: alone
+  on the subject's prompt it draws its training shape (the demo grid's second row). At full strength it pulls the
+  joint prompt toward that shape too. Our reading, not measured: column-wise orthogonal mergers cannot separate two
+  deltas that write the same output features, and in a UNet this small shape and texture may share them.
 
-What we did not try for lack of time: reference-image inputs (the LoRAs' training images), merging only some layer
-kinds (e.g. cross-attention), a prior-preserved style LoRA. Whether the same holds for SDXL LoRAs, where the paper
-reports ZipLoRA ahead, is not measured here.
+The reference-image row is the same command run separately with `'zip_reference': {{'inputs': 'images'}}` as its
+only variant (each LoRA's own training images as the inputs; style kept alone 100% there too). Not tried, for lack of time:
+merging only some layer kinds (e.g. cross-attention), a prior-preserved style LoRA. Whether the same holds for SDXL
+LoRAs, where the paper reports ZipLoRA ahead, is not measured here.
 
 ## How the defaults were chosen (calibration, 2026-11-27)
 
