@@ -70,6 +70,15 @@ def _plain_name(value: Any, what: str) -> str:
     return name
 
 
+def _json_object(body: Any, fields: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parsed body (``json_body``'s result) as a JSON object holding ``required``, else the one-line error."""
+    if isinstance(body, InvalidRequestError):
+        raise body
+    if not isinstance(body, dict) or any(key not in body for key in required):
+        raise InvalidRequestError(f"the request must be a JSON object with {fields}")
+    return body
+
+
 def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] | None = None) -> None:
     """Add the routes to ``app`` (a FastAPI instance). ``credentials``: the ``--api-auth`` value, or None."""
     # no ``from __future__ import annotations`` in this module: FastAPI reads these annotations at runtime
@@ -118,10 +127,7 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
         from ziplora.request import MergeRequest
 
         try:
-            if isinstance(body, InvalidRequestError):
-                raise body
-            if not isinstance(body, dict):
-                raise InvalidRequestError("the request must be a JSON object with content, style and output_name")
+            body = _json_object(body, "content, style and output_name")
             for field, what in (("content", "content"), ("style", "style")):
                 if field in body:
                     _plain_name(body[field], what)
@@ -168,10 +174,7 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
         if (refused := denied(request)) is not None:
             return refused
         try:
-            if isinstance(body, InvalidRequestError):
-                raise body
-            if not isinstance(body, dict) or "name" not in body or "style_multiplier" not in body:
-                raise InvalidRequestError("the request must be a JSON object with name and style_multiplier")
+            body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
             name = _plain_name(body["name"], "name")
         except ZipLoraError as err:
             return error(str(err), 400)

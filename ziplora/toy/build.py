@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ziplora.toy import world
-from ziplora.toy.catalog import STYLE_LORAS, SUBJECT_LORAS, ToyLora
+from ziplora.toy.catalog import ALL_LORAS, ToyLora
 from ziplora.toy.scorers import Scorers, ScorerTrainConfig, evaluate_scorer, save_scorers, train_scorer
 from ziplora.toy.train_base import BaseTrainConfig, train_base
 from ziplora.toy.train_lora import LoraTrainConfig, save_kohya_lora, train_lora
@@ -33,7 +33,8 @@ __all__ = ["main", "build_loras", "evaluate_base"]
 
 
 def lora_training_data(spec: ToyLora, seed: int) -> tuple[torch.Tensor, list[str]]:
-    g = torch.Generator().manual_seed(seed)
+    """The images (and captions) the build trains ``spec`` on, for the build's ``seed``."""
+    g = torch.Generator().manual_seed(seed + 100 + ALL_LORAS.index(spec))
     if spec.kind == "subject":
         images = world.render([spec.concept] * len(spec.base_styles), list(spec.base_styles), g)
         return images, [spec.prompt] * len(spec.base_styles)
@@ -44,9 +45,9 @@ def lora_training_data(spec: ToyLora, seed: int) -> tuple[torch.Tensor, list[str
 def build_loras(model, out_dir: Path, steps: int, seed: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for i, spec in enumerate(SUBJECT_LORAS + STYLE_LORAS):
+    for i, spec in enumerate(ALL_LORAS):
         t0 = time.time()
-        images, prompts = lora_training_data(spec, seed + 100 + i)
+        images, prompts = lora_training_data(spec, seed)
         cfg = LoraTrainConfig(rank=8, alpha=8.0, steps=steps, text_encoder=spec.kind == "subject", seed=seed + i)
         factors = train_lora(model, images, prompts, cfg)
         description = (

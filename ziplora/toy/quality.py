@@ -150,9 +150,8 @@ def _training_pngs(spec, folder: Path) -> tuple[str, ...]:  # type: ignore[no-un
     """The images a bundled LoRA was trained on (the build's seeds), as PNG files."""
     from ziplora.images import save_png, to_uint8
     from ziplora.toy.build import lora_training_data
-    from ziplora.toy.catalog import ALL_LORAS
 
-    images, _ = lora_training_data(spec, 100 + ALL_LORAS.index(spec))  # build_loras: seed + 100 + i, seed 0
+    images, _ = lora_training_data(spec, 0)  # the bundled LoRAs were built with seed 0
     paths = []
     for k, image in enumerate(to_uint8(images)):
         path = folder / f"{spec.name}-train-{k}.png"
