@@ -69,7 +69,9 @@ def main() -> int:
         for src in (content, style):
             shutil.copyfile(src, folder / f"copy_{src.name}")
         copy_wall = time.perf_counter() - t
-        res = subprocess.run([sys.executable, __file__, "--child", str(content), str(style), str(out)], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", str(content), str(style), str(out)], capture_output=True, text=True, check=True
+        )
         data = json.loads(res.stdout.strip().splitlines()[-1])
         data["copy"] = copy_wall
         rows.append(data)

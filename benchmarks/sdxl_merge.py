@@ -248,7 +248,20 @@ def main() -> int:
         session = RandomSDXLSession(unet, device, dtype)
         for res in resolutions:
             for ckpt in ckpts:
-                row = run_one(unet, session, folder, family, device, dtype, res, ckpt, steps, 1 if args.smoke else 2, 2 if args.smoke else 20, args.repeats)
+                row = run_one(
+                    unet,
+                    session,
+                    folder,
+                    family,
+                    device,
+                    dtype,
+                    res,
+                    ckpt,
+                    steps,
+                    1 if args.smoke else 2,
+                    2 if args.smoke else 20,
+                    args.repeats,
+                )
                 rows.append(row)
                 print(
                     f"{res}px {row['dtype']} ckpt={'on ' if ckpt else 'off'}: floor {row['floor_s'] * 1000:.0f} ms, "

@@ -231,7 +231,9 @@ class KModel(nn.Module):
 
 
 @torch.inference_mode()
-def merge_lora_to_weight(patches: list, weight: torch.Tensor, key: str = "online_lora", computation_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def merge_lora_to_weight(
+    patches: list, weight: torch.Tensor, key: str = "online_lora", computation_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``backend/patcher/lora.py`` ``merge_lora_to_weight`` (kohya "lora" patches only): an inference-mode
     function, so its output is an inference tensor."""
     w = weight.to(computation_dtype).clone()
@@ -332,7 +334,9 @@ class ModelPatcher:
     def is_clone(self, other: Any) -> bool:
         return getattr(other, "model", None) is self.model
 
-    def add_patches(self, *, filename: str, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0, online_mode: bool = False) -> set:
+    def add_patches(
+        self, *, filename: str, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0, online_mode: bool = False
+    ) -> set:
         model_keys = {k for k, _ in self.model.named_parameters()}
         this: dict[str, list] = {}
         loaded = set()
@@ -944,7 +948,9 @@ def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
     state = sys.modules["modules.shared"].state
     with torch.inference_mode():
         cond = sd.get_learned_conditioning(SdConditioning(clean, width=p.width, height=p.height))
-        uncond = sd.get_learned_conditioning(SdConditioning([p.negative_prompt] * len(clean), is_negative_prompt=True, width=p.width, height=p.height))
+        uncond = sd.get_learned_conditioning(
+            SdConditioning([p.negative_prompt] * len(clean), is_negative_prompt=True, width=p.width, height=p.height)
+        )
         unet = sd.forge_objects.unet
         load_models_gpu([unet])
         vae = sd.forge_objects.vae

@@ -125,7 +125,17 @@ def test_existing_output_is_not_overwritten_unless_asked(sdxl_pair: tuple[Path, 
 
 
 def test_output_name_with_bad_characters(sdxl_pair: tuple[Path, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    argv = ["merge", "--method", "direct", "--content", str(sdxl_pair[0]), "--style", str(sdxl_pair[1]), "--out", str(tmp_path / "a:b.safetensors")]
+    argv = [
+        "merge",
+        "--method",
+        "direct",
+        "--content",
+        str(sdxl_pair[0]),
+        "--style",
+        str(sdxl_pair[1]),
+        "--out",
+        str(tmp_path / "a:b.safetensors"),
+    ]
     code, _, err = _run(argv, capsys)
     assert code == 2 and "plain file name" in err
 

@@ -141,12 +141,22 @@ def test_target_rank_reports_the_true_svd_error(tmp_path: Path) -> None:
 
 def test_metadata_sidecar_and_hash(tmp_path: Path) -> None:
     meta_c = {"ss_base_model_version": "sdxl_base_v1-0", "ss_tag_frequency": json.dumps({"10_sks dog": {"sks": 10, "dog": 10}})}
-    meta_s = {"ss_base_model_version": "sdxl_base_v1-0", "ss_tag_frequency": json.dumps({"10_sks dog": {"zwx": 1}}), "modelspec.title": "Zebra"}
+    meta_s = {
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_tag_frequency": json.dumps({"10_sks dog": {"zwx": 1}}),
+        "modelspec.title": "Zebra",
+    }
     save_file({k: v.half() for k, v in random_lora_tensors([Q], SDXL, 4, 1).items()}, str(tmp_path / "dog.safetensors"), meta_c)
     save_file({k: v.half() for k, v in random_lora_tensors([Q], SDXL, 4, 2).items()}, str(tmp_path / "zebra.safetensors"), meta_s)
     c, s = open_lora(tmp_path / "dog.safetensors"), open_lora(tmp_path / "zebra.safetensors")
     out = tmp_path / "dog in zebra.safetensors"
-    report = export_merge(c, s, out, ExportOptions(style_multiplier=0.8), Provenance("ziplora", style_multiplier=0.8, steps=100, lam=0.01, lr=0.01, similarity="dot", final_similarity=0.2))
+    report = export_merge(
+        c,
+        s,
+        out,
+        ExportOptions(style_multiplier=0.8),
+        Provenance("ziplora", style_multiplier=0.8, steps=100, lam=0.01, lr=0.01, similarity="dot", final_similarity=0.2),
+    )
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -98,7 +98,13 @@ def forge_path(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_version_and_the_modules_the_adapter_detects() -> None:
     tree = _tree("modules_forge/forge_version.py")
-    assigned = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}  # type: ignore[attr-defined]
+    assigned = {
+        t.id: n.value.value
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)
+    }  # type: ignore[attr-defined]
     assert str(assigned["version"]).startswith("2.")
     for rel in ("backend/memory_management.py", "backend/patcher/lora.py", "modules_forge/main_thread.py"):
         assert (FORGE / rel).is_file(), rel  # type: ignore[operator]
@@ -133,7 +139,13 @@ def test_sdxl_engine_objects_and_inference_mode_methods() -> None:
     base = _tree("backend/diffusion_engine/base.py")
     assert "self.current_lora_hash = str([])" in _src(_find(base, "ForgeDiffusionEngine.__init__"))
     _find(base, "ForgeObjects.shallow_copy")
-    assert _args(_find(_tree("modules/prompt_parser.py"), "SdConditioning.__init__"))[:5] == ["self", "prompts", "is_negative_prompt", "width", "height"]
+    assert _args(_find(_tree("modules/prompt_parser.py"), "SdConditioning.__init__"))[:5] == [
+        "self",
+        "prompts",
+        "is_negative_prompt",
+        "width",
+        "height",
+    ]
 
 
 def test_unet_call_schedule_and_what_breaks_autograd() -> None:
@@ -185,7 +197,14 @@ def test_lora_loader_and_patcher_surface() -> None:
     base = _tree("backend/patcher/base.py")
     for method in ("clone", "is_clone", "add_patches", "refresh_loras", "memory_required"):
         _find(base, f"ModelPatcher.{method}")
-    assert _args(_find(base, "ModelPatcher.add_patches")) == ["self", "filename", "patches", "strength_patch", "strength_model", "online_mode"]
+    assert _args(_find(base, "ModelPatcher.add_patches")) == [
+        "self",
+        "filename",
+        "patches",
+        "strength_patch",
+        "strength_model",
+        "online_mode",
+    ]
     assert "lora_identifier = (filename, strength_patch, strength_model, online_mode)" in _src(_find(base, "ModelPatcher.add_patches"))
     assert "model.lora_loader = LoraLoader(model)" in _src(_find(base, "ModelPatcher.__init__"))
 
@@ -222,7 +241,17 @@ def test_queue_state_and_processing_surface() -> None:
     for method in ("end", "interrupt"):
         _find(state, f"State.{method}")
     fields = {t.id for n in _find(state, "State").body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}  # type: ignore[attr-defined]
-    assert {"interrupted", "skipped", "stopping_generation", "job", "job_no", "job_count", "sampling_step", "sampling_steps", "textinfo"} <= fields
+    assert {
+        "interrupted",
+        "skipped",
+        "stopping_generation",
+        "job",
+        "job_no",
+        "job_count",
+        "sampling_step",
+        "sampling_steps",
+        "textinfo",
+    } <= fields
     processing = _tree("modules/processing.py")
     wanted = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "sampler_name", "scheduler", "batch_size",
               "n_iter", "steps", "cfg_scale", "width", "height", "do_not_save_samples", "do_not_save_grid", "sd_model"}  # fmt: skip

@@ -38,7 +38,14 @@ def test_kohya_lora_locon_and_text_encoders(tmp_path: Path) -> None:
     assert conv.shape == (1280, 2560, 3, 3)
     assert conv.scale() == pytest.approx(0.5)
     f = conv.exact_factors()
-    expected = torch.einsum("or,rikl->oikl", tensors["lora_unet_output_blocks_0_0_in_layers_2.lora_up.weight"][:, :, 0, 0], tensors["lora_unet_output_blocks_0_0_in_layers_2.lora_down.weight"]) * 0.5
+    expected = (
+        torch.einsum(
+            "or,rikl->oikl",
+            tensors["lora_unet_output_blocks_0_0_in_layers_2.lora_up.weight"][:, :, 0, 0],
+            tensors["lora_unet_output_blocks_0_0_in_layers_2.lora_down.weight"],
+        )
+        * 0.5
+    )
     torch.testing.assert_close(f.dense(), expected)
     summary = lora.summary()
     assert (summary.unet_layers, summary.te1_layers, summary.te2_layers) == (3, 1, 1)
@@ -56,7 +63,12 @@ def test_tucker_lora_mid(tmp_path: Path) -> None:
     lora = open_lora(_save(tmp_path / "t.safetensors", t))
     layer = lora.layer(CONV)
     assert lora.layer_kind(CONV) == "locon-tucker"
-    expected = torch.einsum("n m k l, i n, m j -> i j k l", t[f"{name}.lora_mid.weight"], t[f"{name}.lora_up.weight"][:, :, 0, 0], t[f"{name}.lora_down.weight"][:, :, 0, 0])
+    expected = torch.einsum(
+        "n m k l, i n, m j -> i j k l",
+        t[f"{name}.lora_mid.weight"],
+        t[f"{name}.lora_up.weight"][:, :, 0, 0],
+        t[f"{name}.lora_down.weight"][:, :, 0, 0],
+    )
     torch.testing.assert_close(layer.dense(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.exact_factors().conventional().dense(), expected, rtol=1e-4, atol=1e-4)
 

@@ -32,7 +32,9 @@ MAX_ALLOC = 64 * 2**20  # no input may make the reader allocate more than this
 Q = LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q")
 CONV = LayerKey("unet", "input_blocks.1.0.in_layers.2")
 TE = LayerKey("te2", "text_model.encoder.layers.0.self_attn.q_proj")
-_SEED = save_bytes({k: v.half() for k, v in random_lora_tensors([Q, CONV, TE], Family.SDXL, 2, 0).items()}, {"ss_base_model_version": "sdxl_base_v1-0"})
+_SEED = save_bytes(
+    {k: v.half() for k, v in random_lora_tensors([Q, CONV, TE], Family.SDXL, 2, 0).items()}, {"ss_base_model_version": "sdxl_base_v1-0"}
+)
 
 _NAMES = st.sampled_from([
     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_1_0_in_layers_2",
@@ -250,7 +252,9 @@ def test_what_the_reader_accepts_the_writer_writes_or_refuses(tmp_path: Path, ki
     base = random_lora_tensors([key], Family.TOYXL, rank, seed=1, kind=kind, scale=0.3)
     path, style_path = tmp_path / "fuzz.safetensors", tmp_path / "style.safetensors"
     path.write_bytes(save_bytes(_edited(base, edits), {"ss_base_model_version": "toyxl_v1"}))
-    style_path.write_bytes(save_bytes(random_lora_tensors([key], Family.TOYXL, 2, seed=2, scale=0.3), {"ss_base_model_version": "toyxl_v1"}))
+    style_path.write_bytes(
+        save_bytes(random_lora_tensors([key], Family.TOYXL, 2, seed=2, scale=0.3), {"ss_base_model_version": "toyxl_v1"})
+    )
     out = tmp_path / "out.safetensors"
     out.unlink(missing_ok=True)
     saved = None

@@ -123,7 +123,9 @@ def _spy(world: standins.World, at_step: int, action=None) -> tuple[Progress, di
             seen["online"] = any(getattr(m, "forge_online_loras", None) for r in (unet, clip) for m in r.modules())
             seen["locked"] = world.queue_lock.locked()
             sd = world.sd_model
-            seen["originals"] = sd.forge_objects.unet is sd.forge_objects_original.unet and sd.forge_objects.clip is sd.forge_objects_original.clip
+            seen["originals"] = (
+                sd.forge_objects.unet is sd.forge_objects_original.unet and sd.forge_objects.clip is sd.forge_objects_original.clip
+            )
             seen["forms"] = {type(m).__name__ for m in unet.modules() if isinstance(m, ZipLayer)}
             if action is not None:
                 action()

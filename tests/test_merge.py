@@ -78,6 +78,7 @@ def test_optimiser_lowers_the_loss_and_moves_the_mergers(toy_host, lora_dir: Pat
         parts, bank = build_parts(factors, session.device, session.dtype)
         with patch_layers(session.resolve, parts, session.device, "fused") as patches:
             inputs = _inputs(session, patches)
+
             # the loss on every training state, at the start and at the end
             def full_loss() -> float:
                 with torch.no_grad():
@@ -132,7 +133,9 @@ def test_the_public_implementations_learning_rate_leaves_the_mergers_at_one(toy_
         parts, bank = build_parts(factors, session.device, session.dtype)
         with patch_layers(session.resolve, parts, session.device) as patches:
             inputs = _inputs(session, patches)
-            result = optimize_mergers(session.predict, patches, bank, inputs, ZipOptions(steps=100, lr=5e-5, stop_similarity=0.0), Progress())
+            result = optimize_mergers(
+                session.predict, patches, bank, inputs, ZipOptions(steps=100, lr=5e-5, stop_similarity=0.0), Progress()
+            )
     deviation = max(float((m - 1).abs().max()) for pair in result.mergers.values() for m in pair)
     assert deviation <= 0.01  # 100 Adam steps of 5e-5: a plain sum, as mkshing/ziplora-pytorch produces
     assert deviation > 0

@@ -471,15 +471,33 @@ FILE_ROWS = [
     FileRow("F05-corrupt-header", lambda _: struct.pack("<Q", 11) + b'{"a": [1, 2', "corrupt header"),
     FileRow("F06-header-not-an-object", lambda _: _raw([1, 2]), "not a JSON object"),
     FileRow("F07-header-length-2^63", lambda _: struct.pack("<Q", 2**63) + b"{}", "header length"),
-    FileRow("F08-tensor-claims-2^78-elements", lambda _: _raw({f"{_REFINER}.lora_down.weight": {
-        "dtype": "F16", "shape": [2**39, 2**39], "data_offsets": [0, 8]}}, b"\0" * 8), "does not match its byte size"),  # fmt: skip
-    FileRow("F09-offsets-past-the-end", lambda _: _raw({f"{_REFINER}.lora_down.weight": {
-        "dtype": "F16", "shape": [4], "data_offsets": [0, 2**50]}}, b"\0" * 8), "outside the file"),  # fmt: skip
-    FileRow("F10-overlapping-tensors", lambda _: _raw({n: {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}
-        for n in (f"{_REFINER}.lora_down.weight", f"{_REFINER}.lora_up.weight")}, b"\0" * 8), "overlaps"),  # fmt: skip
+    FileRow(
+        "F08-tensor-claims-2^78-elements",
+        lambda _: _raw({f"{_REFINER}.lora_down.weight": {"dtype": "F16", "shape": [2**39, 2**39], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "does not match its byte size",
+    ),  # fmt: skip
+    FileRow(
+        "F09-offsets-past-the-end",
+        lambda _: _raw({f"{_REFINER}.lora_down.weight": {"dtype": "F16", "shape": [4], "data_offsets": [0, 2**50]}}, b"\0" * 8),
+        "outside the file",
+    ),  # fmt: skip
+    FileRow(
+        "F10-overlapping-tensors",
+        lambda _: _raw(
+            {
+                n: {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}
+                for n in (f"{_REFINER}.lora_down.weight", f"{_REFINER}.lora_up.weight")
+            },
+            b"\0" * 8,
+        ),
+        "overlaps",
+    ),  # fmt: skip
     FileRow("F11-zero-tensors", lambda _: _raw({"__metadata__": {"ss_network_dim": "4"}}), "holds no tensors"),
-    FileRow("F12-unsupported-dtype", lambda _: _raw({f"{_REFINER}.alpha": {"dtype": "F4", "shape": [], "data_offsets": [0, 1]}}, b"\0"),
-            "unsupported dtype"),
+    FileRow(
+        "F12-unsupported-dtype",
+        lambda _: _raw({f"{_REFINER}.alpha": {"dtype": "F4", "shape": [], "data_offsets": [0, 1]}}, b"\0"),
+        "unsupported dtype",
+    ),
     FileRow("F13-metadata-not-strings", lambda _: _raw({"__metadata__": {"ss_network_dim": 4}}), "__metadata__ must map strings"),
     FileRow("F14-nan-weights", _nan(float("nan")), "NaN or Inf"),
     FileRow("F15-inf-weights", _nan(float("inf")), "NaN or Inf"),
@@ -492,26 +510,55 @@ FILE_ROWS = [
     _unlisted("F22-pickle-bin", "bad.bin", "pickle files (.bin) are refused", lambda d: _pickled(d / "UNPICKLED", False)),
     FileRow("F23-pickle-renamed-safetensors", lambda d: _pickled(d / "UNPICKLED", False), "this is a pickle"),
     FileRow("F24-torch-zip-renamed-safetensors", lambda d: _pickled(d / "UNPICKLED", True), "this is a pickle"),
-    FileRow("F25-lora-for-sd1", _family({f"{_SD1}.lora_down.weight": torch.randn(4, 768), f"{_SD1}.lora_up.weight": torch.randn(320, 4)}),
-            "this LoRA is for SD1.x, not"),
-    FileRow("F26-lora-for-sd2", _family({f"{_TE}.lora_down.weight": torch.randn(4, 1024), f"{_TE}.lora_up.weight": torch.randn(1024, 4)}),
-            "this LoRA is for SD2.x, not"),
-    FileRow("F27-lora-for-sd3", _family({f"{_SD3}.lora_A.weight": torch.randn(4, 1536), f"{_SD3}.lora_B.weight": torch.randn(4608, 4)}),
-            "this LoRA is for SD3, not"),
-    FileRow("F28-lora-for-flux", _family({f"{_FLUX}.lora_down.weight": torch.randn(4, 3072), f"{_FLUX}.lora_up.weight": torch.randn(9216, 4)}),
-            "this LoRA is for Flux, not"),
-    FileRow("F29-lora-for-sdxl-refiner", _family({f"{_REFINER}.lora_down.weight": torch.randn(4, 1280),
-                                                  f"{_REFINER}.lora_up.weight": torch.randn(768, 4)}),
-            "this LoRA is for SDXL refiner, not"),  # fmt: skip
-    FileRow("F30-lora-for-another-model-sdxl-on-toy", _family(random_lora_tensors(
-        [LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q")], Family.SDXL, 4, 0)), "is for SDXL"),  # fmt: skip
-    FileRow("F31-checkpoint-not-a-lora", _family({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(32, 4, 3, 3),
-                                                  "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}),
-            "checkpoint, not a LoRA"),  # fmt: skip
+    FileRow(
+        "F25-lora-for-sd1",
+        _family({f"{_SD1}.lora_down.weight": torch.randn(4, 768), f"{_SD1}.lora_up.weight": torch.randn(320, 4)}),
+        "this LoRA is for SD1.x, not",
+    ),
+    FileRow(
+        "F26-lora-for-sd2",
+        _family({f"{_TE}.lora_down.weight": torch.randn(4, 1024), f"{_TE}.lora_up.weight": torch.randn(1024, 4)}),
+        "this LoRA is for SD2.x, not",
+    ),
+    FileRow(
+        "F27-lora-for-sd3",
+        _family({f"{_SD3}.lora_A.weight": torch.randn(4, 1536), f"{_SD3}.lora_B.weight": torch.randn(4608, 4)}),
+        "this LoRA is for SD3, not",
+    ),
+    FileRow(
+        "F28-lora-for-flux",
+        _family({f"{_FLUX}.lora_down.weight": torch.randn(4, 3072), f"{_FLUX}.lora_up.weight": torch.randn(9216, 4)}),
+        "this LoRA is for Flux, not",
+    ),
+    FileRow(
+        "F29-lora-for-sdxl-refiner",
+        _family({f"{_REFINER}.lora_down.weight": torch.randn(4, 1280), f"{_REFINER}.lora_up.weight": torch.randn(768, 4)}),
+        "this LoRA is for SDXL refiner, not",
+    ),  # fmt: skip
+    FileRow(
+        "F30-lora-for-another-model-sdxl-on-toy",
+        _family(random_lora_tensors([LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q")], Family.SDXL, 4, 0)),
+        "is for SDXL",
+    ),  # fmt: skip
+    FileRow(
+        "F31-checkpoint-not-a-lora",
+        _family(
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": torch.randn(32, 4, 3, 3),
+                "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
+            }
+        ),
+        "checkpoint, not a LoRA",
+    ),  # fmt: skip
     FileRow("F32-dora", lambda _: _bytes({**_toy(), f"{kohya_name(_keys()[0])}.dora_scale": torch.ones(1, 32).half()}), "DoRA"),
     FileRow("F33-same-file-as-subject-and-style", None, "hold the same weights", content="subject", style="subject", readable=True),
-    FileRow("F34-same-weights-under-two-names", lambda d: (d / "subject.safetensors").read_bytes(), "hold the same weights",
-            style="subject", readable=True),
+    FileRow(
+        "F34-same-weights-under-two-names",
+        lambda d: (d / "subject.safetensors").read_bytes(),
+        "hold the same weights",
+        style="subject",
+        readable=True,
+    ),
     _unlisted("F35-missing-file", "gone.safetensors", "no such file", None),
     _unlisted("F36-folder-named-like-a-lora", "dir.safetensors", "no such file", None, directory=True),
 ]
@@ -536,7 +583,7 @@ def test_bad_files(world: World, row: FileRow, no_unpickling: None) -> None:
     elif row.make is not None:
         target.write_bytes(row.make(world.folder))
     for face in FACES:
-        for method in (("zip", "direct") if face == "cli" else ("zip",)):
+        for method in ("zip", "direct") if face == "cli" else ("zip",):
             before = snapshot(world)
             content = row.content
             if face == "core" and not row.listed:
@@ -599,8 +646,9 @@ NAME_ROWS = [
     NameRow("N19-empty", "   ", "is empty"),
     NameRow("A01-japanese", "\u732b\u30b9\u30bf\u30a4\u30eb", None, written="\u732b\u30b9\u30bf\u30a4\u30eb"),
     NameRow("A02-decomposed-accent-normalised", "Cafe\u0301", None, written="Caf\u00e9"),
-    NameRow("A03-devanagari-combining-marks", "\u092c\u093f\u0932\u094d\u0932\u0940", None,
-            written="\u092c\u093f\u0932\u094d\u0932\u0940"),  # fmt: skip
+    NameRow(
+        "A03-devanagari-combining-marks", "\u092c\u093f\u0932\u094d\u0932\u0940", None, written="\u092c\u093f\u0932\u094d\u0932\u0940"
+    ),  # fmt: skip
     NameRow("A04-punctuation", "zip (v2) [sks]+zwx", None, written="zip (v2) [sks]+zwx"),
     NameRow("A05-suffix-given", "named.safetensors", None, written="named"),
     NameRow("A06-long-but-fits", "\u732b" * 66, None, written="\u732b" * 66),
@@ -889,17 +937,36 @@ RUN_ROWS = [
     RunRow("R03-interrupt-while-optimising", interrupt_at("Optimising", 1), INTERRUPTED, cli_code=130),
     RunRow("R04-interrupt-after-the-last-step", interrupt_at("Optimising", 3), INTERRUPTED, cli_code=130),
     RunRow("R05-interrupt-while-writing", interrupt_at("Writing", 1), INTERRUPTED, cli_code=130),
-    RunRow("R06-interrupt-a-direct-merge-while-writing", interrupt_at("Writing", 1), INTERRUPTED, cli_code=130, method="direct",
-           faces=("core", "cli", "api")),
-    RunRow("R07-out-of-memory-while-sampling", predict_fault("sampling", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
-           "out of GPU memory"),
-    RunRow("R08-out-of-memory-mid-step", predict_fault("step", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
-           "out of GPU memory"),
-    RunRow("R09-out-of-memory-in-backward", predict_fault("backward", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
-           "out of GPU memory"),
+    RunRow(
+        "R06-interrupt-a-direct-merge-while-writing",
+        interrupt_at("Writing", 1),
+        INTERRUPTED,
+        cli_code=130,
+        method="direct",
+        faces=("core", "cli", "api"),
+    ),
+    RunRow(
+        "R07-out-of-memory-while-sampling",
+        predict_fault("sampling", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        "out of GPU memory",
+    ),
+    RunRow(
+        "R08-out-of-memory-mid-step",
+        predict_fault("step", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        "out of GPU memory",
+    ),
+    RunRow(
+        "R09-out-of-memory-in-backward",
+        predict_fault("backward", 2, lambda: OOM("CUDA out of memory. Tried to allocate 2.00 GiB")),
+        "out of GPU memory",
+    ),
     RunRow("R10-exception-in-the-model-forward", forward_error(2), "internal error: RuntimeError: CUDA error", cli_code=1),
-    RunRow("R11-exception-in-predict-while-sampling", predict_fault("sampling", 1, lambda: RuntimeError("expected all tensors on one device")),
-           "internal error: RuntimeError: expected all tensors", cli_code=1),
+    RunRow(
+        "R11-exception-in-predict-while-sampling",
+        predict_fault("sampling", 1, lambda: RuntimeError("expected all tensors on one device")),
+        "internal error: RuntimeError: expected all tensors",
+        cli_code=1,
+    ),
     RunRow("R12-disk-full-mid-write", disk_fault("write"), "cannot write out.safetensors in"),
     RunRow("R13-disk-full-on-the-mergers-file", disk_fault("create", nth=2), "cannot write out.ziplora in"),
     RunRow("R14-disk-full-on-the-sidecar", disk_fault("create", nth=3), "cannot write out.json in"),
@@ -1120,26 +1187,68 @@ API_ROWS = [
     ("P03-empty-body", "post", "/merge", b"", 400, "must be a JSON object"),
     ("P04-json-nested-100000-deep", "post", "/merge", b"[" * 100_000, 400, "nested too deeply"),
     ("P05-invalid-utf8", "post", "/merge", b'{"content": "\xff\xfe"}', 400, "not valid JSON"),
-    ("P06-unknown-option", "post", "/merge", {"content": "subject", "style": "style", "output_name": "o", "stpes": 3}, 400,
-     "unknown option 'stpes'"),
+    (
+        "P06-unknown-option",
+        "post",
+        "/merge",
+        {"content": "subject", "style": "style", "output_name": "o", "stpes": 3},
+        400,
+        "unknown option 'stpes'",
+    ),
     ("P07-missing-field", "post", "/merge", {"content": "subject", "output_name": "o"}, 400, "missing 'style'"),
-    ("P08-wrong-type", "post", "/merge", {"content": "subject", "style": "style", "output_name": "o", "steps": "3"}, 400,
-     "steps must be a whole number"),
-    ("P09-nan-number", "post", "/merge", b'{"content": "subject", "style": "style", "output_name": "o", "style_multiplier": NaN}', 400,
-     "style multiplier must be between"),
-    ("P10-infinite-number", "post", "/merge", b'{"content": "subject", "style": "style", "output_name": "o", "lam": 1e999}', 400,
-     "lambda must be between"),
-    ("P11-boolean-as-text", "post", "/merge", {"content": "subject", "style": "style", "output_name": "o", "overwrite": "yes"}, 400,
-     "true or false"),
+    (
+        "P08-wrong-type",
+        "post",
+        "/merge",
+        {"content": "subject", "style": "style", "output_name": "o", "steps": "3"},
+        400,
+        "steps must be a whole number",
+    ),
+    (
+        "P09-nan-number",
+        "post",
+        "/merge",
+        b'{"content": "subject", "style": "style", "output_name": "o", "style_multiplier": NaN}',
+        400,
+        "style multiplier must be between",
+    ),
+    (
+        "P10-infinite-number",
+        "post",
+        "/merge",
+        b'{"content": "subject", "style": "style", "output_name": "o", "lam": 1e999}',
+        400,
+        "lambda must be between",
+    ),
+    (
+        "P11-boolean-as-text",
+        "post",
+        "/merge",
+        {"content": "subject", "style": "style", "output_name": "o", "overwrite": "yes"},
+        400,
+        "true or false",
+    ),
     ("P12-unknown-lora-name", "post", "/merge", {"content": "nobody", "style": "style", "output_name": "o"}, 404, "no LoRA named 'nobody'"),
     ("P13-path-like-name-dotdot", "post", "/merge", {"content": "../subject", "style": "style", "output_name": "o"}, 400, "not a path"),
     ("P14-path-like-name-absolute", "post", "/merge", {"content": "/etc/passwd", "style": "style", "output_name": "o"}, 400, "not a path"),
     ("P15-path-like-name-subfolder", "post", "/merge", {"content": "subject", "style": "sub/style", "output_name": "o"}, 400, "not a path"),
-    ("P16-path-like-name-windows", "post", "/merge", {"content": "C:\\loras\\subject", "style": "style", "output_name": "o"}, 400,
-     "not a path"),
+    (
+        "P16-path-like-name-windows",
+        "post",
+        "/merge",
+        {"content": "C:\\loras\\subject", "style": "style", "output_name": "o"},
+        400,
+        "not a path",
+    ),
     ("P17-path-like-name-home", "post", "/merge", {"content": "~/subject", "style": "style", "output_name": "o"}, 400, "not a path"),
-    ("P18-path-like-output-name", "post", "/merge", {"content": "subject", "style": "style", "output_name": "../../evil"}, 400,
-     "plain file name"),
+    (
+        "P18-path-like-output-name",
+        "post",
+        "/merge",
+        {"content": "subject", "style": "style", "output_name": "../../evil"},
+        400,
+        "plain file name",
+    ),
     ("P19-unknown-job", "get", "/jobs/nope", None, 404, "no job 'nope'"),
     ("P20-interrupt-unknown-job", "post", "/jobs/nope/interrupt", None, 404, "no job 'nope'"),
     ("P21-reexport-path-like-name", "post", "/reexport", {"name": "../subject", "style_multiplier": 0.5}, 400, "not a path"),

@@ -212,9 +212,7 @@ def export_merge(
     keys = sorted(set(content.groups) | set(style.groups))
     for name in sorted(set(content.embeddings) & set(style.embeddings)):
         if not _same_embedding(content, style, name):
-            raise IncompatibleLorasError(
-                f"both LoRAs bundle an embedding named {name!r} with different vectors; rename one first"
-            )
+            raise IncompatibleLorasError(f"both LoRAs bundle an embedding named {name!r} with different vectors; rename one first")
 
     # Pass 1: the header needs every layer's rank. Plain LoRA layers give it from their headers; the
     # others (LoHa, LoKr, full, Tucker) are computed now and kept until they are written.
@@ -336,7 +334,9 @@ def export_merge(
             staged.append(stage_safetensors(mergers_path, *_mergers_payload(mergers, content, style, provenance), overwrite=True)[1])
         if options.write_sidecar:
             sidecar = out.with_suffix(".json")
-            data = build_sidecar(content=c_info, style=s_info, provenance=provenance, description=options.description, sd_version=options.sd_version)
+            data = build_sidecar(
+                content=c_info, style=s_info, provenance=provenance, description=options.description, sd_version=options.sd_version
+            )
             staged.append(stage_bytes(sidecar, json.dumps(data, indent=4, ensure_ascii=False).encode("utf-8"), overwrite=True))
         for companion in staged[1:]:
             if not companion.path.exists():

@@ -118,8 +118,12 @@ def data_free_inputs(
     """Sample each LoRA alone on its own prompt and keep every state with the teacher's prediction."""
     per_concept = options.sampling_steps
     progress.begin_stage("Sampling the two LoRAs alone", 2 * per_concept)
-    content, c_img = _concept_from_sampling(session, patches, "content", content_prompt, options, options.seed, progress, 0, 2 * per_concept)
-    style, s_img = _concept_from_sampling(session, patches, "style", style_prompt, options, options.seed + 1000, progress, per_concept, 2 * per_concept)
+    content, c_img = _concept_from_sampling(
+        session, patches, "content", content_prompt, options, options.seed, progress, 0, 2 * per_concept
+    )
+    style, s_img = _concept_from_sampling(
+        session, patches, "style", style_prompt, options, options.seed + 1000, progress, per_concept, 2 * per_concept
+    )
     images = {"content": c_img, "style": s_img} if options.keep_images else None
     return TrainingInputs(content, style, "data-free", images)  # type: ignore[arg-type]
 

@@ -129,7 +129,7 @@ def _weight_numel(part: Part) -> int:
 
 
 def _choose_form(request: MergeRequest, session: ModelSession, parts: dict, notes: list[str]) -> str:  # type: ignore[type-arg]
-    """"auto": fused unless its weight copies would not fit. Without checkpointing the fused form keeps one
+    """ "auto": fused unless its weight copies would not fit. Without checkpointing the fused form keeps one
     W_eff per patched layer alive until backward (the patched layers' size again); the side path keeps only
     rank-sized activations. With checkpointing only one block's copies live at a time."""
     if request.form != "auto" or request.gradient_checkpointing:
@@ -295,6 +295,7 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
 def reexport(host: Host | None, output: Path, style_multiplier: float, progress: Progress | None = None) -> ExportReport:
     """Rewrite ``output`` from its saved mergers with a new style multiplier (seconds, no optimisation)."""
     from ziplora.export import MERGERS_SUFFIX
+
     check_number("style multiplier", style_multiplier, 0.0, 1.5)
     check_output_name(output.stem)
     mergers_path = output.with_suffix(MERGERS_SUFFIX)
@@ -321,7 +322,8 @@ def reexport(host: Host | None, output: Path, style_multiplier: float, progress:
         base_model_version=old.metadata.get("ss_base_model_version", defaults.base_model_version if defaults else "sdxl_base_v1-0"),
         architecture=old.metadata.get("modelspec.architecture", defaults.architecture if defaults else "stable-diffusion-xl-v1-base/lora"),
         resolution=old.metadata.get("modelspec.resolution", "1024x1024"),
-        sd_version=(old.sidecar.get("sd version") if isinstance(old.sidecar.get("sd version"), str) else None) or (defaults.sd_version if defaults else "SDXL"),
+        sd_version=(old.sidecar.get("sd version") if isinstance(old.sidecar.get("sd version"), str) else None)
+        or (defaults.sd_version if defaults else "SDXL"),
         write_sidecar=not output.with_suffix(".json").exists(),  # the sidecar may hold the user's edits: keep it
     )
     report = export_merge(content, style, output, options, provenance, saved.mergers)

@@ -140,9 +140,7 @@ def build_metadata(
     if not tags and words:
         tags = {f"1_{output_name}": {w: 1 for w in words}}
     when = (now or _dt.datetime.now()).replace(microsecond=0).isoformat()
-    weight_text = (
-        f"content x{_fmt(provenance.content_weight)}, style x{_fmt(provenance.style_multiplier)}"
-    )
+    weight_text = f"content x{_fmt(provenance.content_weight)}, style x{_fmt(provenance.style_multiplier)}"
     comment = f"{provenance.method} merge of {content.name} (content) and {style.name} (style); {weight_text}"
     meta = {
         SS.BASE_MODEL_VERSION: base_model_version,

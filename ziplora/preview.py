@@ -94,5 +94,7 @@ def sample_images(session, prompts: list[str], seed: int, steps: int, guidance: 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, *session.latent_shape(width, height), generator=g).repeat(len(prompts), 1, 1, 1)
     noise = noise.to(session.device, session.dtype)
-    x0 = ddim_sample(session.predict, session.schedule, noise, session.encode(prompts), session.encode_negative(len(prompts)), steps, guidance)
+    x0 = ddim_sample(
+        session.predict, session.schedule, noise, session.encode(prompts), session.encode_negative(len(prompts)), steps, guidance
+    )
     return session.decode(x0).float().cpu()

@@ -82,7 +82,10 @@ def write_random_lora(
     alpha: float | None = None,
     scale: float = 0.02,
 ) -> Path:
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in random_lora_tensors(keys, family, rank, seed, kind, alpha, scale).items()}
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v)
+        for k, v in random_lora_tensors(keys, family, rank, seed, kind, alpha, scale).items()
+    }
     meta = dict(metadata or {})
     meta.setdefault("ss_base_model_version", "sdxl_base_v1-0" if family == Family.SDXL else "toyxl_v1")
     write_safetensors(path, tensors, meta, overwrite=True)

@@ -618,7 +618,10 @@ def build_tab(service: MergeService, *, standalone: bool = False) -> gr.Blocks:
         with gr.Column(visible=False, elem_id="ziplora-result-box") as result_box:
             add("result_box", result_box)
             add("result", gr.HTML("", elem_id="ziplora-result"))
-            add("similarity_plot", gr.Plot(label="Overlap of the two LoRAs per layer (|cos| of their deltas)", elem_id="ziplora-similarity-plot"))
+            add(
+                "similarity_plot",
+                gr.Plot(label="Overlap of the two LoRAs per layer (|cos| of their deltas)", elem_id="ziplora-similarity-plot"),
+            )
             with gr.Row(elem_id="ziplora-tag-row"):
                 add("tag", gr.Textbox(label="Use in your prompt", elem_id="ziplora-tag", lines=1, scale=4))
                 add("copy", gr.Button("Copy", elem_id="ziplora-copy", size="sm", scale=1))

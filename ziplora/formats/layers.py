@@ -155,9 +155,7 @@ class LayerSource(ABC):
     required: ClassVar[tuple[str, ...]]
     optional: ClassVar[tuple[str, ...]] = ("alpha", "scale")
 
-    def __init__(
-        self, key: LayerKey, tensors: dict[str, torch.Tensor], label: str, target_shape: tuple[int, ...] | None = None
-    ) -> None:
+    def __init__(self, key: LayerKey, tensors: dict[str, torch.Tensor], label: str, target_shape: tuple[int, ...] | None = None) -> None:
         self.key = key
         self.label = label  # "<file>: <layer>" for messages
         self.target_shape = target_shape  # the module's weight shape, where known
@@ -474,9 +472,7 @@ def _conform(natural: tuple[int, ...], target: tuple[int, ...] | None) -> tuple[
     return natural
 
 
-def make_layer(
-    key: LayerKey, tensors: dict[str, torch.Tensor], label: str, target_shape: tuple[int, ...] | None = None
-) -> LayerSource:
+def make_layer(key: LayerKey, tensors: dict[str, torch.Tensor], label: str, target_shape: tuple[int, ...] | None = None) -> LayerSource:
     """Pick the kind by the tensors present (registry order); a clear error names what was found."""
     suffixes = set(tensors)
     for suffix, why in _REFUSED.items():

@@ -190,7 +190,9 @@ class LoraFile:
         )
 
 
-def _peft_alphas(metadata: dict[str, str], groups: dict[LayerKey, dict[str, str]], file_names: dict[LayerKey, str]) -> dict[LayerKey, float]:
+def _peft_alphas(
+    metadata: dict[str, str], groups: dict[LayerKey, dict[str, str]], file_names: dict[LayerKey, str]
+) -> dict[LayerKey, float]:
     """Alphas from diffusers' ``lora_adapter_metadata`` (PEFT config per component)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
@@ -293,7 +295,9 @@ def open_lora(path: str | Path, expect: Family | tuple[Family, ...] | None = Non
     if shapes_ref is not None:
         missing = [file_names[k] for k in groups if k not in shapes_ref]
         if missing:
-            raise LoraFormatError(f"{p.name}: {missing[0]} names no layer of {family.label}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise LoraFormatError(
+                f"{p.name}: {missing[0]} names no layer of {family.label}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
     lora = LoraFile(p, st, family, evidence, groups, file_names, schemes, embeddings)
     lora.peft_alphas = _peft_alphas(st.metadata, groups, file_names)
     return lora

@@ -110,8 +110,7 @@ class SafetensorsFile:
         suffix = path.suffix.lower()
         if suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
             raise LoraFormatError(
-                f"{path.name}: pickle files ({suffix}) are refused, since loading one can run code; "
-                "convert it to .safetensors first"
+                f"{path.name}: pickle files ({suffix}) are refused, since loading one can run code; convert it to .safetensors first"
             )
         size = path.stat().st_size
         if size == 0:
@@ -129,9 +128,7 @@ class SafetensorsFile:
             if header_len == 0 or header_len > MAX_HEADER_BYTES:
                 raise self._fail(f"not a safetensors file (header length {header_len})")
             if 8 + header_len > size:
-                raise self._fail(
-                    f"truncated or corrupt: the header claims {header_len} bytes but the file has {size - 8}"
-                )
+                raise self._fail(f"truncated or corrupt: the header claims {header_len} bytes but the file has {size - 8}")
             raw = first + f.read(header_len - 1)
         try:
             header = json.loads(raw.decode("utf-8"))
@@ -169,11 +166,7 @@ class SafetensorsFile:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
         ):
             raise self._fail(f"tensor {name!r} has a bad shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise self._fail(f"tensor {name!r} has bad data offsets")
         start, end = offsets
         info = TensorInfo(name, dtype, tuple(shape), start, end)
@@ -391,7 +384,9 @@ class StagedFile:
 def _appeared(path: Path) -> Exception:
     from ziplora.errors import OutputExistsError
 
-    return OutputExistsError(f"{path.name} appeared in {path.parent} while this was being written; choose another name or allow overwriting")
+    return OutputExistsError(
+        f"{path.name} appeared in {path.parent} while this was being written; choose another name or allow overwriting"
+    )
 
 
 def stage_file(path: Path, body: Callable[[BinaryIO], None], overwrite: bool = False) -> StagedFile:

@@ -150,11 +150,7 @@ def build_parts(
     trainable: Callable[[LayerKey], bool] = lambda key: True,
 ) -> tuple[dict[LayerKey, tuple[Part | None, Part | None]], MergerBank]:
     """Parts on the device, and the merger bank (all ones) for every trainable layer both sources touch."""
-    widths = {
-        key: fc.shape[1]
-        for key, (fc, fs) in factors.items()
-        if fc is not None and fs is not None and trainable(key)
-    }
+    widths = {key: fc.shape[1] for key, (fc, fs) in factors.items() if fc is not None and fs is not None and trainable(key)}
     bank = MergerBank(widths, device)
     parts: dict[LayerKey, tuple[Part | None, Part | None]] = {}
     for key, (fc, fs) in factors.items():

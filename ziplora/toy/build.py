@@ -54,7 +54,9 @@ def build_loras(model, out_dir: Path, steps: int, seed: int) -> dict[str, Any]: 
             f"Toy {spec.kind} LoRA: the novel {spec.kind} '{spec.concept}' behind '{spec.identifier}', "
             f"trained on {len(images)} image(s) ({'DreamBooth' if spec.kind == 'subject' else 'one image of the style'})."
         )
-        save_kohya_lora(out_dir / f"{spec.name}.safetensors", factors, cfg, spec.trigger, f"{len(images)}_{spec.trigger}", description, len(images))
+        save_kohya_lora(
+            out_dir / f"{spec.name}.safetensors", factors, cfg, spec.trigger, f"{len(images)}_{spec.trigger}", description, len(images)
+        )
         figures[spec.name] = {"kind": spec.kind, "concept": spec.concept, "identifier": spec.identifier,
                               "images": len(images), "steps": steps, "seconds": round(time.time() - t0, 1)}  # fmt: skip
         log.info("LoRA %s done in %.0f s", spec.name, time.time() - t0)
@@ -153,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["python -m ziplora.toy", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": "cpu", "torch": torch.__version__, "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
         "seed": args.seed,
         "base_steps": args.base_steps,
         "base_note": args.base_note,

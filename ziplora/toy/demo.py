@@ -126,6 +126,8 @@ def _print_table(report: dict) -> None:
     print(f"ZipLoRA: {z['steps']} steps, mean |cos(m_c, m_s)| {z['similarity_before']:.3f} -> {z['similarity_after']:.3f}, "
           f"mergers moved {z['merger_movement']['mean_abs_change_content']:.3f} (subject) / "
           f"{z['merger_movement']['mean_abs_change_style']:.3f} (style) on average")  # fmt: skip
-    print(f"wrote {report['files']['zipped']}, {report['files']['direct']}, {report['files']['grid']} in {report['seconds']['total']:.1f} s")
+    print(
+        f"wrote {report['files']['zipped']}, {report['files']['direct']}, {report['files']['grid']} in {report['seconds']['total']:.1f} s"
+    )
     print(f"grid.png: rows {', '.join(report['rows'])}; columns {', '.join(report['columns'])}; 4 seeds per cell")
     print(f"use: {report['tag']}")

@@ -109,7 +109,9 @@ def run_quality(
             if fields.get("inputs") == "images" and not fields.get("content_images"):
                 # reference inputs: each LoRA's own training images
                 fields["content_images"], fields["style_images"] = _training_pngs(subj, work), _training_pngs(sty, work)
-            outcome = run_merge(MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", **fields), host, Progress(), output_dir=work)
+            outcome = run_merge(
+                MergeRequest(subj.name, sty.name, f"{subj.name}-{sty.name}-{name}", **fields), host, Progress(), output_dir=work
+            )
             z = outcome.zip
             assert z is not None
             zip_info[name] = {"steps": z.steps_run, "similarity_after": z.final_similarity, "movement": z.movement.mean_abs_change,
@@ -131,7 +133,11 @@ def run_quality(
             res["retention_style"] = _ratio(res["style_alone"]["style_right"], ref_style["style_right"])
         rows.append({"subject": subj.name, "style": sty.name, "results": results, "ziplora": zip_info,
                      "reference": {"subject_alone": ref_subject, "style_alone": ref_style}})  # fmt: skip
-        log(f"{subj.name} x {sty.name}: " + ", ".join(f"{m} {results[m]['both']['both_right']:.2f}" for m in results) + f" ({time.perf_counter() - t_pair:.0f} s)")
+        log(
+            f"{subj.name} x {sty.name}: "
+            + ", ".join(f"{m} {results[m]['both']['both_right']:.2f}" for m in results)
+            + f" ({time.perf_counter() - t_pair:.0f} s)"
+        )
     names = ["direct", "weighted", *zip_variants, "zip_tuned"]
     summary = {name: _mean_metrics([r["results"][name] for r in rows]) for name in names}
     return {

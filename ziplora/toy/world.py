@@ -158,9 +158,7 @@ def render(
         if style.outline:
             # a band of about 2.5 pixels inside the shape's edge
             k = 2 * _SUPERSAMPLE + 1
-            eroded = -torch.nn.functional.max_pool2d(
-                -inside.float()[None, None], kernel_size=k, stride=1, padding=k // 2
-            )[0, 0]
+            eroded = -torch.nn.functional.max_pool2d(-inside.float()[None, None], kernel_size=k, stride=1, padding=k // 2)[0, 0]
             ink_mask = inside & (eroded < 0.5)
         else:
             ink_mask = inside
