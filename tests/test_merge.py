@@ -193,7 +193,7 @@ def test_a_lora_for_another_model_fails_before_any_work(toy_host, lora_dir: Path
 
 
 def test_patching_a_layer_of_the_wrong_size_is_a_host_error(toy_host, lora_dir: Path) -> None:
-    from ziplora.formats.layers import Factors
+    from ziplora.formats.factors import Factors
 
     key = LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q")
     with toy_host.session(SessionOptions(), Progress()) as session:

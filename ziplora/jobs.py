@@ -16,9 +16,9 @@ import torch
 
 from ziplora.errors import HostError, InvalidRequestError, JobFailed, JobInterrupted, LoraFormatError, OutputExistsError
 from ziplora.export import ExportOptions, ExportReport, check_merge_sources, export_merge, load_mergers
+from ziplora.formats.factors import Factors
 from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
-from ziplora.formats.layers import Factors
 from ziplora.formats.lorafile import LoraFile, open_lora
 from ziplora.hosts.base import Host, ModelSession, SessionOptions, available_memory, export_defaults_for
 from ziplora.inputs import InputOptions, TrainingInputs, data_free_inputs, reference_inputs

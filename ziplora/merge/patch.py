@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ziplora.errors import HostError
+from ziplora.formats.factors import Factors, low_rank_delta, scale_input_columns
 from ziplora.formats.keys import LayerKey
-from ziplora.formats.layers import Factors
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,12 @@ class Part:
     def scaled_down(self, x_dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
         down = self.down if self.down.dtype == x_dtype else self.down.to(x_dtype)
         if use_merger and self.merger is not None:
-            shape = (1, -1) + (1,) * (down.dim() - 2)
-            down = down * self.merger().to(x_dtype).reshape(shape)
+            down = scale_input_columns(down, self.merger().to(x_dtype))
         return down
 
     def delta(self, dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
         up = self.up if self.up.dtype == dtype else self.up.to(dtype)
-        down = self.scaled_down(dtype, use_merger)
-        if self.mid is not None:
-            return torch.einsum("or,rskl,si->oikl", up, self.mid.to(dtype), down)
-        if down.dim() == 4:
-            return torch.einsum("or,rikl->oikl", up, down)
-        return up @ down
+        return low_rank_delta(up, self.scaled_down(dtype, use_merger), None if self.mid is None else self.mid.to(dtype))
 
 
 def layer_geometry(module: nn.Module) -> str | None:
@@ -156,7 +150,7 @@ class ZipLayer(nn.Module):
                 # both sources in one matmul: [B_c | B_s] @ [A_c * m_c ; A_s * m_s]
                 up = self._up_cat if self._up_cat.dtype == x.dtype else self._up_cat.to(x.dtype)
                 down = torch.cat([p.scaled_down(x.dtype, m) for p, m in active])
-                w = w + (up @ down if down.dim() == 2 else torch.einsum("or,rikl->oikl", up, down))
+                w = w + low_rank_delta(up, down)
             else:
                 for part, use_merger in active:
                     w = w + part.delta(x.dtype, use_merger)
