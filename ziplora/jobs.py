@@ -289,7 +289,7 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
     host.after_write(out)
     timings["total"] = time.perf_counter() - t_start
     words = list(dict.fromkeys([*content.trigger_words, *style.trigger_words]))
-    return MergeOutcome(out, report, zip_result, content.name, style.name, words, timings, notes)
+    return MergeOutcome(out, report, zip_result, content.name, style.name, words, timings, [*notes, *report.notes])
 
 
 def reexport(host: Host | None, output: Path, style_multiplier: float, progress: Progress | None = None) -> ExportReport:

@@ -45,7 +45,7 @@ def file_metadata(
         content=source_info(content),
         style=source_info(style),
         provenance=provenance,
-        ranks=[p.rank for p in plan.layers.values()],
+        ranks=[p.rank for p in plan.layers.values() if not p.full],
         alpha=plan.alpha,
         base_model_version=options.base_model_version,
         architecture=options.architecture,

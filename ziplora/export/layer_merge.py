@@ -3,6 +3,8 @@
 For a layer both sources touch this is exactly the LoRA with ``up = [B_c s_c w_c | B_s s_s w_s]`` and
 ``down = [A_c·diag(m_c); A_s·diag(m_s)]`` (DESIGN, "Exact export"); a layer one source touches is kept as it is
 (times its weight). Kinds without an exact low-rank form arrive as SVD factors, whose error is accounted here.
+A bias delta (``diff_b``) adds: ``b_c·w_c + b_s·w_s``, whatever the mergers; such a layer is written in full form
+(see ``plan``), so the target rank does not apply to it.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def merge_layer(
         )
     merged = Factors.concat(parts)
     norm2 = merged.norm2() + err2 if (need_norm or err2 > 0 or options.target_rank is not None) else 0.0
-    if options.target_rank is not None and merged.rank > options.target_rank:
+    if options.target_rank is not None and merged.rank > options.target_rank and merged.bias is None:
         merged, dropped = truncate_to_rank(merged, options.target_rank)
         err2 += dropped
         how = "svd"

@@ -2,7 +2,8 @@
 
 Layers are merged as their first tensor is written and dropped after their last, so memory stays at one layer
 plus the file buffers. Every layer is written with the same alpha; each layer's remaining scale is folded into
-its up matrix (A1111 multiplies by alpha / dim).
+its up matrix (A1111 multiplies by alpha / dim). A layer planned in full form is written as its dense delta and
+bias delta (``diff``, ``diff_b``).
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ class LayerStream:
         self._current: dict[LayerKey, MergedLayer] = {}
 
     def tensors(self, key: LayerKey) -> list[PendingTensor]:
-        """One layer's tensors as the header lists them: down (mid), up, and alpha last."""
+        """One layer's tensors as the header lists them: down (mid), up, and alpha last; or diff, then diff_b."""
         name, dt = kohya_name(key), self.options.dtype
         p = self.plan.layers[key]
         out_dim, in_dim, *kernel = p.shape
+        if p.full:
+            return [
+                PendingTensor(f"{name}.diff", dt, p.shape, self._producer(key, "diff")),
+                PendingTensor(f"{name}.diff_b", dt, (out_dim,), self._producer(key, "diff_b")),
+            ]
         conv = len(kernel) == 2
         pending = []
         if p.core is not None:
@@ -81,8 +87,13 @@ class LayerStream:
         res = self._layer(key)
         f = res.factors
         if part == "alpha":  # the layer's last tensor
-            return self._finish(res)
-        if part == "down":
+            self._finish(res)
+            return torch.tensor(self.plan.alpha, dtype=self.options.dtype)
+        if part == "diff":
+            t = f.dense().reshape(self.plan.layers[key].shape)
+        elif part == "diff_b":
+            t = f.bias  # type: ignore[assignment]
+        elif part == "down":
             t = f.down.reshape(*f.down.shape, 1, 1) if f.mid is not None else f.down
         elif part == "mid":
             t = f.mid  # type: ignore[assignment]
@@ -92,13 +103,14 @@ class LayerStream:
         written = t.to(self.options.dtype).contiguous()
         if not bool(torch.isfinite(written).all()):
             raise JobFailed(f"layer {key.path}: values overflow {str(self.options.dtype).replace('torch.', '')}; write in float32 instead")
+        if part == "diff_b":  # the last tensor of a layer in full form
+            self._finish(res)
         return written
 
-    def _finish(self, res: MergedLayer) -> torch.Tensor:
+    def _finish(self, res: MergedLayer) -> None:
         self.reports.append(res.report)
         self.norm2 += res.norm2
         self.err2 += res.err2
         self._current.clear()
         if self.on_layer is not None:
             self.on_layer(len(self.reports), len(self.plan.layers))
-        return torch.tensor(self.plan.alpha, dtype=self.options.dtype)

@@ -59,6 +59,11 @@ def export_merge(
     digest = commit_together(out, pending, metadata, options.overwrite, companions)
     if mergers is None:
         remove_stale_mergers(out)
+    full = sum(p.full for p in plan.layers.values())
+    notes = [
+        f"{full} layer(s) carry a bias delta (diff_b): written in full form (diff + diff_b), which A1111 and Forge load"
+        + ("; the target rank does not apply to them" if options.target_rank is not None else "")
+    ] if full else []  # fmt: skip
     return ExportReport(
         path=out,
         sha256=digest,
@@ -69,4 +74,5 @@ def export_merge(
         size_bytes=out.stat().st_size,
         sidecar=sidecar,
         mergers_file=mergers_path,
+        notes=notes,
     )

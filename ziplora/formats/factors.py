@@ -38,12 +38,14 @@ class Factors:
     """An exact low-rank delta: ``dW = up @ down`` (conv: ``einsum(up, [mid,] down)``); scales folded in.
 
     Shapes: ``up`` [out, r]; ``down`` [r, in] for Linear, [r, in, kh, kw] for a conventional conv;
-    with a Tucker core ``mid`` [r, r', kh, kw], ``down`` is [r', in] (a 1x1 conv).
+    with a Tucker core ``mid`` [r, r', kh, kw], ``down`` is [r', in] (a 1x1 conv). ``bias`` [out]: a bias delta
+    the layer adds besides (a full layer's ``diff_b``); it scales with the output, never with the mergers.
     """
 
     up: torch.Tensor
     down: torch.Tensor
     mid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -80,26 +82,29 @@ class Factors:
 
     def scale_inputs(self, m: torch.Tensor) -> Factors:
         """dW · diag(m): scale each input column (conv: each input channel)."""
-        return Factors(self.up, scale_input_columns(self.down, m.to(self.down.dtype)), self.mid)
+        return Factors(self.up, scale_input_columns(self.down, m.to(self.down.dtype)), self.mid, self.bias)
 
     def scale_outputs(self, s: float | torch.Tensor) -> Factors:
-        return Factors(self.up * s, self.down, self.mid)
+        return Factors(self.up * s, self.down, self.mid, None if self.bias is None else self.bias * s)
 
     def conventional(self) -> Factors:
         """The same delta without a Tucker core (exact): down becomes [r, in, kh, kw]."""
         if self.mid is None:
             return self
-        return Factors(self.up, tucker_to_conventional(self.mid.float(), self.down.float()), None)
+        return Factors(self.up, tucker_to_conventional(self.mid.float(), self.down.float()), None, self.bias)
 
     def float(self) -> Factors:
-        return Factors(self.up.float(), self.down.float(), None if self.mid is None else self.mid.float())
+        mid, bias = (None if t is None else t.float() for t in (self.mid, self.bias))
+        return Factors(self.up.float(), self.down.float(), mid, bias)
 
     @staticmethod
     def concat(parts: list[Factors]) -> Factors:
-        """One LoRA whose delta is the sum of the parts, exactly (rank = sum of ranks)."""
+        """One LoRA whose delta is the sum of the parts, exactly (rank = sum of ranks; bias deltas add)."""
         parts = [p.float() for p in parts]
         if len(parts) == 1:
             return parts[0]
+        biases = [p.bias for p in parts if p.bias is not None]
+        bias = sum(biases[1:], biases[0]) if biases else None
         if all(p.mid is not None for p in parts) and len({p.kernel for p in parts}) == 1:
             ranks_out = [p.mid.shape[0] for p in parts]  # type: ignore[union-attr]
             ranks_in = [p.mid.shape[1] for p in parts]  # type: ignore[union-attr]
@@ -108,9 +113,9 @@ class Factors:
             for p, ro, ri in zip(parts, ranks_out, ranks_in):
                 mid[o : o + ro, i : i + ri] = p.mid
                 o, i = o + ro, i + ri
-            return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0), mid)
+            return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0), mid, bias)
         parts = [p.conventional() for p in parts]
-        return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0))
+        return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0), None, bias)
 
 
 def svd_factors(delta: torch.Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> tuple[Factors, float]:
@@ -133,7 +138,7 @@ def svd_factors(delta: torch.Tensor, max_rank: int | None = None, rtol: float = 
 
 
 def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
-    """Best rank-``rank`` approximation of a low-rank delta without forming it (QR of both sides)."""
+    """Best rank-``rank`` approximation of a low-rank delta without forming it (QR of both sides); a bias delta stays."""
     f = f.conventional().float()
     if f.rank <= rank:
         return f, 0.0
@@ -145,4 +150,4 @@ def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
     err = float(s[rank:].square().sum() / total) ** 0.5 if total > 0 else 0.0
     up = q1 @ (u[:, :rank] * s[:rank])
     down = (vh[:rank] @ q2.T).reshape(rank, *f.down.shape[1:])
-    return Factors(up, down), err
+    return Factors(up, down, None, f.bias), err

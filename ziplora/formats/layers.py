@@ -9,6 +9,7 @@ are factorised by SVD with the relative Frobenius error reported. The factors an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -100,16 +101,23 @@ class LayerSource(ABC):
     def nominal_rank(self) -> int | None:
         return self.dim()
 
+    def bias_delta(self) -> torch.Tensor | None:
+        """A delta for the layer's bias ([out], fp32), for kinds that carry one; None for the rest."""
+        return None
+
     def factors(self, max_rank: int | None = None) -> tuple[Factors, float, str]:
-        """(factors, relative error, how): exact when this kind has an exact form, else by SVD."""
+        """(factors, relative error, how): exact when this kind has an exact form, else by SVD; with the bias delta."""
         exact = self.exact_factors()
         if exact is not None and (max_rank is None or exact.rank <= max_rank):
-            return exact, 0.0, "exact"
-        if exact is not None:
+            f, err, how = exact, 0.0, "exact"
+        elif exact is not None:
             f, err = truncate_factors(exact, max_rank)  # type: ignore[arg-type]
-            return f, err, "svd"
-        f, err = svd_factors(self.dense(), max_rank)
-        return f, err, "svd"
+            how = "svd"
+        else:
+            f, err = svd_factors(self.dense(), max_rank)
+            how = "svd"
+        bias = self.bias_delta()
+        return (f if bias is None else replace(f, bias=bias)), err, how
 
 
 class LoraLayer(LayerSource):
@@ -302,15 +310,22 @@ class LokrLayer(LayerSource):
 
 
 class FullLayer(LayerSource):
-    """A dense delta (``diff``, optional ``diff_b`` bias delta, which a LoRA file cannot carry)."""
+    """A dense delta (``diff``) with an optional bias delta (``diff_b``), as LyCORIS' full kind writes them.
+
+    A1111 (``network_full``) and Forge (``diff`` patches on the weight and on the bias) add ``diff_b`` to the
+    layer's bias times the LoRA's multiplier, and never times ``scale``; so does :meth:`bias_delta`.
+    """
 
     kind = "full"
     required = ("diff",)
     optional = ("diff_b", "alpha", "scale")
 
     def _check(self) -> None:
-        if self.t["diff"].dim() not in (2, 4):
-            raise self._fail(f"diff of shape {list(self.t['diff'].shape)} is not a Linear or conv weight delta")
+        diff, bias = self.t["diff"], self.t.get("diff_b")
+        if diff.dim() not in (2, 4):
+            raise self._fail(f"diff of shape {list(diff.shape)} is not a Linear or conv weight delta")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != diff.shape[0]):
+            raise self._fail(f"diff_b of shape {list(bias.shape)} is not a bias delta for its {diff.shape[0]} output rows")
 
     def scale(self) -> float:
         scale = self._scalar("scale")
@@ -323,9 +338,9 @@ class FullLayer(LayerSource):
     def dense(self) -> torch.Tensor:
         return self.t["diff"].float() * self.scale()
 
-    @property
-    def has_bias_delta(self) -> bool:
-        return "diff_b" in self.t
+    def bias_delta(self) -> torch.Tensor | None:
+        bias = self.t.get("diff_b")
+        return None if bias is None else bias.float()
 
 
 LAYER_KINDS: tuple[type[LayerSource], ...] = (LoraLayer, LohaLayer, LokrLayer, FullLayer)

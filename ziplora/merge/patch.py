@@ -58,15 +58,12 @@ class Part:
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]; with mid: [r', in]
     mid: torch.Tensor | None
     merger: MergerView | None  # fp32 [in], learned during optimisation
+    bias: torch.Tensor | None = None  # [out]: a bias delta (``diff_b``), added as it is; mergers do not touch it
 
     @staticmethod
     def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: MergerView | None) -> Part:
-        return Part(
-            f.up.to(device, dtype),
-            f.down.to(device, dtype),
-            None if f.mid is None else f.mid.to(device, dtype),
-            merger,
-        )
+        mid, bias = (None if t is None else t.to(device, dtype) for t in (f.mid, f.bias))
+        return Part(f.up.to(device, dtype), f.down.to(device, dtype), mid, merger, bias)
 
     def scaled_down(self, x_dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
         down = self.down if self.down.dtype == x_dtype else self.down.to(x_dtype)
@@ -157,6 +154,9 @@ class ZipLayer(nn.Module):
             bias = getattr(self.base, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
+            for part, _ in active:
+                if part.bias is not None:
+                    bias = part.bias.to(x.dtype) if bias is None else bias + part.bias.to(x.dtype)
             if self.geometry == "linear":
                 return F.linear(x, w, bias)
             b = self.base
@@ -170,9 +170,10 @@ class ZipLayer(nn.Module):
         dtype = x.dtype
         up = part.up.to(dtype)
         m = part.merger().to(dtype) if use_merger and part.merger is not None else None
+        bias = None if part.bias is None else part.bias.to(dtype)
         if self.geometry == "linear":
             h = x * m if m is not None else x
-            return F.linear(F.linear(h, part.down.to(dtype)), up)
+            return F.linear(F.linear(h, part.down.to(dtype)), up, bias)
         b = self.base
         h = x * m.reshape(1, -1, 1, 1) if m is not None else x
         if part.mid is not None:
@@ -180,7 +181,7 @@ class ZipLayer(nn.Module):
             h = F.conv2d(h, part.mid.to(dtype), None, b.stride, b.padding, b.dilation)  # type: ignore[arg-type]
         else:
             h = F.conv2d(h, part.down.to(dtype), None, b.stride, b.padding, b.dilation)  # type: ignore[arg-type]
-        return F.conv2d(h, up[:, :, None, None])
+        return F.conv2d(h, up[:, :, None, None], bias)
 
 
 class PatchSet:
