@@ -6,6 +6,8 @@ bundled by both with different vectors is an error (DESIGN, "Ecosystem conventio
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ziplora.errors import IncompatibleLorasError
@@ -45,5 +47,5 @@ def embedding_tensors(content: LoraFile, style: LoraFile) -> list[PendingTensor]
                 continue  # identical copy, checked above
             for tkey in sorted(tkeys):
                 info = lora.st.tensors[tkey]
-                pending.append(PendingTensor(tkey, lora.st.read(tkey).dtype, info.shape, (lambda lf=lora, k=tkey: lf.st.read(k))))
+                pending.append(PendingTensor(tkey, lora.st.read(tkey).dtype, info.shape, functools.partial(lora.st.read, tkey)))
     return pending

@@ -105,13 +105,14 @@ class Factors:
             return parts[0]
         biases = [p.bias for p in parts if p.bias is not None]
         bias = sum(biases[1:], biases[0]) if biases else None
-        if all(p.mid is not None for p in parts) and len({p.kernel for p in parts}) == 1:
-            ranks_out = [p.mid.shape[0] for p in parts]  # type: ignore[union-attr]
-            ranks_in = [p.mid.shape[1] for p in parts]  # type: ignore[union-attr]
+        cores = [p.mid for p in parts if p.mid is not None]
+        if len(cores) == len(parts) and len({p.kernel for p in parts}) == 1:
+            ranks_out = [c.shape[0] for c in cores]
+            ranks_in = [c.shape[1] for c in cores]
             mid = torch.zeros(sum(ranks_out), sum(ranks_in), *parts[0].kernel)
             o = i = 0
-            for p, ro, ri in zip(parts, ranks_out, ranks_in):
-                mid[o : o + ro, i : i + ri] = p.mid
+            for c, ro, ri in zip(cores, ranks_out, ranks_in):
+                mid[o : o + ro, i : i + ri] = c
                 o, i = o + ro, i + ri
             return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0), mid, bias)
         parts = [p.conventional() for p in parts]
