@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ziplora.architecture.sgm_unet import UNetConfig, UNetModel  # noqa: E402
+from ziplora.architecture.toyxl import UNET_CONFIG as SMOKE_CONFIG  # noqa: E402  (the toy UNet: SDXL's layout, small)
 from ziplora.formats.families import Family  # noqa: E402
 from ziplora.hosts.base import ExportDefaults, SessionOptions, iter_blocks, list_lora_files, resolve_in_roots  # noqa: E402
 from ziplora.jobs import run_merge  # noqa: E402
@@ -40,8 +42,6 @@ from ziplora.progress import Progress, StepRecord  # noqa: E402
 from ziplora.request import MergeRequest  # noqa: E402
 from ziplora.schedule import NoiseSchedule  # noqa: E402
 from ziplora.synthetic import attention_layers, write_random_lora  # noqa: E402
-from ziplora.toy.model import UNetConfig, UNetModel  # noqa: E402
-from ziplora.toy.pipeline import UNET_CONFIG as SMOKE_CONFIG  # noqa: E402  (the toy UNet: SDXL's layout, small)
 
 
 def random_unet(config: UNetConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> UNetModel:

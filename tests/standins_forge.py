@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ziplora.architecture.sgm_unet import BasicTransformerBlock, UNetModel, timestep_embedding
 from ziplora.schedule import NoiseSchedule, ddim_sample
-from ziplora.toy.model import BasicTransformerBlock, UNetModel, timestep_embedding
 from ziplora.toy.pipeline import SIZE_EMBED_DIM, ToyXL
 
 __all__ = ["install", "uninstall", "World", "build_sdxl", "build_engine", "GGUFLinear", "BnbLinear", "ForgeLinear",

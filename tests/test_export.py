@@ -209,3 +209,44 @@ def test_bundled_embedding_clash_is_an_error_and_distinct_ones_are_carried(tmp_p
     with pytest.raises(IncompatibleLorasError, match="embedding named 'sks'"):
         export_merge(c, open_lora(tmp_path / "s.safetensors"), tmp_path / "o2.safetensors", ExportOptions(), Provenance("direct"))
     assert not (tmp_path / "o2.safetensors").exists()
+
+
+OUT = LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_out.0")  # a Linear with a bias
+
+
+@pytest.mark.parametrize("method", ["ziplora", "direct"])
+def test_a_bias_delta_is_merged_and_written_where_a1111_and_forge_load_it(tmp_path: Path, method: str) -> None:
+    """diff_b (LyCORIS full layers) adds b_c·w_c + b_s·w_s to the bias; the layer is written as diff + diff_b, the only
+    form A1111's network_full reads a bias delta from (it ignores diff_b next to lora_up / lora_down)."""
+    c = open_lora(_write(tmp_path / "c.safetensors", [Q, OUT], "lora", 4, 1, alpha=2.0))
+    g = torch.Generator().manual_seed(9)
+    bias_s = torch.randn(640, generator=g) * 0.1
+    style = {k: v.half() for k, v in random_lora_tensors([Q], SDXL, rank=4, seed=2, scale=0.1).items()}
+    style[f"{kohya_name(OUT)}.diff"] = (torch.randn(640, 640, generator=g) * 0.01).half()
+    style[f"{kohya_name(OUT)}.diff_b"] = bias_s.half()
+    save_file(style, str(tmp_path / "s.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    s = open_lora(tmp_path / "s.safetensors")
+    mergers = _mergers([Q, OUT], 4) if method == "ziplora" else None
+    out = tmp_path / "merged.safetensors"
+    report = export_merge(c, s, out, ExportOptions(content_weight=0.9, style_multiplier=0.7), Provenance(method, 0.9, 0.7), mergers)
+    written = load_file(str(out))
+    name = kohya_name(OUT)
+    assert sorted(k for k in written if k.startswith(name + ".")) == [f"{name}.diff", f"{name}.diff_b"]
+    expected = _expected(c, s, OUT, mergers, 0.9, 0.7)
+    delta = a1111_delta(module_tensors(written, name), reference_shapes(SDXL)[OUT])
+    assert float((delta - expected).norm() / expected.norm()) < 2e-3
+    torch.testing.assert_close(written[f"{name}.diff_b"].float(), 0.7 * bias_s.half().float(), rtol=2e-3, atol=1e-4)  # no merger on a bias
+    assert f"{kohya_name(Q)}.lora_up.weight" in written and f"{kohya_name(Q)}.alpha" in written  # the rest stays a LoRA
+    assert any("diff_b" in note for note in report.notes)
+    again = open_lora(out).layer(OUT).factors()[0]  # our own reader reads it back, bias delta included
+    torch.testing.assert_close(again.bias, written[f"{name}.diff_b"].float())
+
+
+def test_a_bias_delta_of_the_wrong_shape_is_refused_in_one_line(tmp_path: Path) -> None:
+    name = kohya_name(OUT)
+    save_file({f"{name}.diff": torch.zeros(640, 640).half(), f"{name}.diff_b": torch.zeros(5).half()}, str(tmp_path / "b.safetensors"))
+    from ziplora.errors import LoraFormatError
+
+    with pytest.raises(LoraFormatError, match=r"diff_b of shape \[5\] is not a bias delta for its 640 output rows") as err:
+        open_lora(tmp_path / "b.safetensors").layer(OUT)
+    assert "\n" not in str(err.value)

@@ -193,7 +193,7 @@ def test_a_lora_for_another_model_fails_before_any_work(toy_host, lora_dir: Path
 
 
 def test_patching_a_layer_of_the_wrong_size_is_a_host_error(toy_host, lora_dir: Path) -> None:
-    from ziplora.formats.layers import Factors
+    from ziplora.formats.factors import Factors
 
     key = LayerKey("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q")
     with toy_host.session(SessionOptions(), Progress()) as session:
@@ -249,3 +249,30 @@ def test_auto_form_takes_the_side_path_when_fused_copies_would_not_fit(toy_host,
     monkeypatch.setattr(jobs, "available_memory", lambda device: 2**40)
     outcome = run_merge(MergeRequest("subject", "style", "fused", steps=2, sampling_steps=2, samples=1), toy_host, Progress())
     assert outcome.zip is not None and outcome.zip.forms == {"fused": 132} and not outcome.notes
+
+
+@pytest.mark.parametrize("form", ["fused", "side"])
+def test_a_bias_delta_is_added_by_the_teachers_and_the_student(form: str) -> None:
+    """A full layer's diff_b renders in every mode that includes its source, whatever the mergers (they scale inputs)."""
+    from ziplora.formats.factors import Factors
+
+    torch.manual_seed(0)
+    parent = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    key = LayerKey("unet", "0")
+    f = Factors(torch.randn(4, 2), torch.randn(2, 6), None, torch.randn(4))
+    parts, bank = build_parts({key: (f, Factors(torch.randn(4, 2), torch.randn(2, 6)))}, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        bank.m_c.mul_(0.5)
+    x = torch.randn(3, 6)
+    base = parent(x).detach()
+    with patch_layers(lambda k: (parent, "0"), parts, torch.device("cpu"), form) as patches:
+        outs = {}
+        for mode in ("content", "merged", "base"):
+            patches.set_mode(mode)
+            outs[mode] = parent(x).detach()
+    torch.testing.assert_close(outs["content"], base + x @ f.dense().T + f.bias, rtol=1e-5, atol=1e-5)
+    m_c = torch.full((6,), 0.5)
+    style = parts[key][1]
+    merged = base + x @ (f.dense() * m_c).T + f.bias + x @ (style.up @ style.down).T
+    torch.testing.assert_close(outs["merged"], merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["base"], base)

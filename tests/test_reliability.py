@@ -431,6 +431,12 @@ def _duplicate(_: Path) -> bytes:
     return _bytes(t)
 
 
+def _bad_bias_delta() -> bytes:
+    """A LyCORIS full layer (diff) beside the LoRA layers, whose bias delta (diff_b) fits no bias of its layer."""
+    n = kohya_name(_keys()[5])
+    return _bytes({**_toy(), f"{n}.diff": (torch.randn(32, 32) * 0.01).half(), f"{n}.diff_b": torch.zeros(5).half()})
+
+
 def _family(tensors: dict[str, torch.Tensor]) -> Callable[[Path], bytes]:
     return lambda _: _bytes(tensors)
 
@@ -561,6 +567,7 @@ FILE_ROWS = [
     ),
     _unlisted("F35-missing-file", "gone.safetensors", "no such file", None),
     _unlisted("F36-folder-named-like-a-lora", "dir.safetensors", "no such file", None, directory=True),
+    FileRow("F37-bias-delta-of-the-wrong-shape", lambda _: _bad_bias_delta(), "is not a bias delta"),
 ]
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ziplora.architecture.sgm_unet import UNetConfig, UNetModel
 from ziplora.formats import Family, LayerKey, reference_shapes
 from ziplora.synthetic import attention_layers
 from ziplora.toy import world
-from ziplora.toy.model import UNetConfig, UNetModel
 from ziplora.toy.pipeline import ToyXL
 from ziplora.toy.text import RARE_TOKENS, Tokenizer
 

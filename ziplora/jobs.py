@@ -16,9 +16,9 @@ import torch
 
 from ziplora.errors import HostError, InvalidRequestError, JobFailed, JobInterrupted, LoraFormatError, OutputExistsError
 from ziplora.export import ExportOptions, ExportReport, check_merge_sources, export_merge, load_mergers
+from ziplora.formats.factors import Factors
 from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
-from ziplora.formats.layers import Factors
 from ziplora.formats.lorafile import LoraFile, open_lora
 from ziplora.hosts.base import Host, ModelSession, SessionOptions, available_memory, export_defaults_for
 from ziplora.inputs import InputOptions, TrainingInputs, data_free_inputs, reference_inputs
@@ -289,7 +289,7 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
     host.after_write(out)
     timings["total"] = time.perf_counter() - t_start
     words = list(dict.fromkeys([*content.trigger_words, *style.trigger_words]))
-    return MergeOutcome(out, report, zip_result, content.name, style.name, words, timings, notes)
+    return MergeOutcome(out, report, zip_result, content.name, style.name, words, timings, [*notes, *report.notes])
 
 
 def reexport(host: Host | None, output: Path, style_multiplier: float, progress: Progress | None = None) -> ExportReport:

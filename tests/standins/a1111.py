@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.a1111_apply import a1111_delta
+from ziplora.architecture.sgm_unet import timestep_embedding
 from ziplora.schedule import ddim_sample
-from ziplora.toy.model import timestep_embedding
 from ziplora.toy.pipeline import LATENT_FACTOR, SIZE_EMBED_DIM, ToyXL
 
 # ------------------------------------------------------------------------------------------------------------

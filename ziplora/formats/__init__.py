@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ziplora.formats.factors import Factors, svd_factors, truncate_factors
 from ziplora.formats.families import Family, reference_shapes
 from ziplora.formats.keys import LayerKey, kohya_name
-from ziplora.formats.layers import Factors, LayerSource, svd_factors, truncate_factors
+from ziplora.formats.layers import LayerSource
 from ziplora.formats.lorafile import LoraFile, LoraSummary, open_lora
 from ziplora.formats.safetensors_io import PendingTensor, SafetensorsFile, addnet_hash, write_safetensors
 

@@ -6,6 +6,8 @@ import functools
 import re
 from enum import Enum
 
+from ziplora.architecture.sdxl_base import sdxl_base_shapes
+from ziplora.architecture.toyxl import toyxl_shapes
 from ziplora.formats.keys import LayerKey, ParsedKey
 
 __all__ = ["Family", "detect_family", "reference_shapes", "CHECKPOINT_PREFIXES"]
@@ -153,48 +155,16 @@ def _context_family(parsed: dict[str, ParsedKey], shapes: dict[str, tuple[int, .
 # Module weight shapes per family, so every layer of a file is checked against the model it claims.
 
 
-def _clip_shapes(component: str, layers: int, width: int, mlp: int) -> dict[LayerKey, tuple[int, ...]]:
-    out: dict[LayerKey, tuple[int, ...]] = {}
-    for i in range(layers):
-        base = f"text_model.encoder.layers.{i}"
-        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[LayerKey(component, f"{base}.self_attn.{p}")] = (width, width)
-        out[LayerKey(component, f"{base}.mlp.fc1")] = (mlp, width)
-        out[LayerKey(component, f"{base}.mlp.fc2")] = (width, mlp)
-    return out
-
-
-def _unet_shapes(unet) -> dict[LayerKey, tuple[int, ...]]:  # type: ignore[no-untyped-def]
-    out = {}
-    for name, module in unet.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.dim() in (2, 4):
-            out[LayerKey("unet", name)] = tuple(int(d) for d in weight.shape)
-    return out
-
-
 @functools.lru_cache(maxsize=4)
 def reference_shapes(family: Family) -> dict[LayerKey, tuple[int, ...]] | None:
-    """Weight shapes of every Linear / conv a LoRA may target, for SDXL and ToyXL; None for others."""
-    import torch
+    """Weight shapes of every Linear / conv a LoRA may target, for SDXL and ToyXL; None for others.
 
+    SDXL's are pinned data (``ziplora/architecture/sdxl_base.json``); ToyXL's come from its configuration.
+    """
     if family == Family.SDXL:
-        from ziplora.toy.model import UNetConfig, UNetModel
-
-        with torch.device("meta"):
-            unet = UNetModel(UNetConfig.sdxl_base())
-        shapes = _unet_shapes(unet)
-        shapes.update(_clip_shapes("te1", 12, 768, 3072))
-        shapes.update(_clip_shapes("te2", 32, 1280, 5120))
-        shapes[LayerKey("te2", "text_projection")] = (1280, 1280)
-        return shapes
-    if family == Family.TOYXL:
-        from ziplora.toy.pipeline import TE1_CONFIG, TE2_CONFIG, ToyXL
-
-        with torch.device("meta"):
-            toy = ToyXL()
-        shapes = _unet_shapes(toy.unet)
-        shapes.update(_clip_shapes("te1", TE1_CONFIG.layers, TE1_CONFIG.width, TE1_CONFIG.width * 4))
-        shapes.update(_clip_shapes("te2", TE2_CONFIG.layers, TE2_CONFIG.width, TE2_CONFIG.width * 4))
-        return shapes
-    return None
+        by_component = sdxl_base_shapes()
+    elif family == Family.TOYXL:
+        by_component = toyxl_shapes()
+    else:
+        return None
+    return {LayerKey(component, path): shape for component, shapes in by_component.items() for path, shape in shapes.items()}

@@ -11,9 +11,10 @@ a canonical suffix, and writes kohya names back.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
+
+from ziplora.architecture.sdxl_base import sdxl_base_shapes
 
 __all__ = [
     "LayerKey",
@@ -82,7 +83,7 @@ def underscored_to_path(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # diffusers UNet names <-> sgm names for the SDXL layout (3 levels, 2 ResBlocks a level, no attention at
-# level 0). The toy model shares this layout, so the same mapping serves both.
+# level 0). The toy model shares this layout (ziplora/architecture), so the same mapping serves both.
 
 _RESNET_PARTS = {
     "norm1": "in_layers.0",
@@ -196,16 +197,9 @@ def _inverse_block_resnet(prefix: str, rest: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
 def sdxl_unet_module_paths() -> frozenset[str]:
-    """Every module path of the SDXL-base UNet (built on the meta device from our own sgm-shaped classes)."""
-    import torch
-
-    from ziplora.toy.model import UNetConfig, UNetModel
-
-    with torch.device("meta"):
-        unet = UNetModel(UNetConfig.sdxl_base())
-    return frozenset(name for name, _ in unet.named_modules() if name)
+    """Every Linear / conv module path of the SDXL-base UNet (the pinned data in ``ziplora/architecture/sdxl_base.json``)."""
+    return frozenset(sdxl_base_shapes()["unet"])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,23 +1,24 @@
-"""Layer math: one small class per LoRA kind behind one interface, and exact low-rank factors.
+"""Layer math: one small class per LoRA kind behind one interface.
 
 Every kind gives its dense delta ``dense()`` (scale included) and, where one exists, an exact low-rank form
 ``exact_factors()`` (LoRA / LoCon / Tucker, LoHa as a rank r1*r2 LoRA). Kinds without one (LoKr, full diffs)
-are factorised by SVD with the relative Frobenius error reported.
+are factorised by SVD with the relative Frobenius error reported. The factors and their formulas are in
+``ziplora.formats.factors``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
 
 from ziplora.errors import LoraFormatError, UnsupportedLoraError
+from ziplora.formats.factors import Factors, svd_factors, truncate_factors
 from ziplora.formats.keys import LayerKey
 
 __all__ = [
-    "Factors",
     "LayerSource",
     "LoraLayer",
     "LohaLayer",
@@ -25,127 +26,12 @@ __all__ = [
     "FullLayer",
     "LAYER_KINDS",
     "make_layer",
-    "svd_factors",
-    "truncate_factors",
 ]
 
 
-@dataclass
-class Factors:
-    """An exact low-rank delta: ``dW = up @ down`` (conv: ``einsum(up, [mid,] down)``); scales folded in.
-
-    Shapes: ``up`` [out, r]; ``down`` [r, in] for Linear, [r, in, kh, kw] for a conventional conv;
-    with a Tucker core ``mid`` [r, r', kh, kw], ``down`` is [r', in] (a 1x1 conv).
-    """
-
-    up: torch.Tensor
-    down: torch.Tensor
-    mid: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.up.shape[1])
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        if self.mid is not None:
-            return tuple(self.mid.shape[2:])
-        return tuple(self.down.shape[2:])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (int(self.up.shape[0]), int(self.down.shape[1]), *self.kernel)
-
-    def dense(self) -> torch.Tensor:
-        up, down = self.up.float(), self.down.float()
-        if self.mid is not None:
-            return torch.einsum("or,rskl,si->oikl", up, self.mid.float(), down)
-        if down.dim() == 4:
-            return torch.einsum("or,rikl->oikl", up, down)
-        return up @ down
-
-    def norm2(self) -> float:
-        """Squared Frobenius norm of the delta, from the factors (trace of two r x r Gram matrices)."""
-        f = self.conventional().float()
-        down = f.down.reshape(f.rank, -1)
-        return float(((f.up.T @ f.up) * (down @ down.T)).sum())
-
-    @property
-    def dim(self) -> int:
-        """What A1111 divides alpha by: the rank of the down factor (the core's input rank with Tucker)."""
-        return int(self.down.shape[0])
-
-    def scale_inputs(self, m: torch.Tensor) -> Factors:
-        """dW · diag(m): scale each input column (conv: each input channel)."""
-        m = m.to(self.down.dtype)
-        shape = (1, -1) + (1,) * (self.down.dim() - 2)
-        return Factors(self.up, self.down * m.reshape(shape), self.mid)
-
-    def scale_outputs(self, s: float | torch.Tensor) -> Factors:
-        return Factors(self.up * s, self.down, self.mid)
-
-    def conventional(self) -> Factors:
-        """The same delta without a Tucker core (exact): down becomes [r, in, kh, kw]."""
-        if self.mid is None:
-            return self
-        down = torch.einsum("rskl,si->rikl", self.mid.float(), self.down.float())
-        return Factors(self.up, down, None)
-
-    def float(self) -> Factors:
-        return Factors(self.up.float(), self.down.float(), None if self.mid is None else self.mid.float())
-
-    @staticmethod
-    def concat(parts: list[Factors]) -> Factors:
-        """One LoRA whose delta is the sum of the parts, exactly (rank = sum of ranks)."""
-        parts = [p.float() for p in parts]
-        if len(parts) == 1:
-            return parts[0]
-        if all(p.mid is not None for p in parts) and len({p.kernel for p in parts}) == 1:
-            ranks_out = [p.mid.shape[0] for p in parts]  # type: ignore[union-attr]
-            ranks_in = [p.mid.shape[1] for p in parts]  # type: ignore[union-attr]
-            mid = torch.zeros(sum(ranks_out), sum(ranks_in), *parts[0].kernel)
-            o = i = 0
-            for p, ro, ri in zip(parts, ranks_out, ranks_in):
-                mid[o : o + ro, i : i + ri] = p.mid
-                o, i = o + ro, i + ri
-            return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0), mid)
-        parts = [p.conventional() for p in parts]
-        return Factors(torch.cat([p.up for p in parts], 1), torch.cat([p.down for p in parts], 0))
-
-
-def svd_factors(delta: torch.Tensor, max_rank: int | None = None, rtol: float = 1e-6) -> tuple[Factors, float]:
-    """Factorise a dense delta; rank = ``max_rank`` or the numerical rank. Returns (factors, relative error)."""
-    out = delta.shape[0]
-    flat = delta.float().reshape(out, -1)
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    total = float(s.square().sum())
-    if total == 0.0:
-        r = 1
-    else:
-        r = int((s > s[0] * rtol).sum())
-        if max_rank is not None:
-            r = min(r, max_rank)
-        r = max(r, 1)
-    err = float(s[r:].square().sum() / total) ** 0.5 if total > 0 else 0.0
-    up = u[:, :r] * s[:r]
-    down = vh[:r].reshape(r, *delta.shape[1:])
-    return Factors(up, down), err
-
-
-def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
-    """Best rank-``rank`` approximation of a low-rank delta without forming it (QR of both sides)."""
-    f = f.conventional().float()
-    if f.rank <= rank:
-        return f, 0.0
-    down2 = f.down.reshape(f.rank, -1)
-    q1, r1 = torch.linalg.qr(f.up)
-    q2, r2 = torch.linalg.qr(down2.T)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)
-    total = float(s.square().sum())
-    err = float(s[rank:].square().sum() / total) ** 0.5 if total > 0 else 0.0
-    up = q1 @ (u[:, :rank] * s[:rank])
-    down = (vh[:rank] @ q2.T).reshape(rank, *f.down.shape[1:])
-    return Factors(up, down), err
+def _rebuild_tucker(t: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
+    """A LyCORIS Tucker-decomposed factor (LoHa ``hada_t``, LoKr ``lokr_t2``) as one dense [out, in, kh, kw] tensor."""
+    return torch.einsum("ijkl,jr,ip->prkl", t, wb, wa)
 
 
 class LayerSource(ABC):
@@ -215,16 +101,23 @@ class LayerSource(ABC):
     def nominal_rank(self) -> int | None:
         return self.dim()
 
+    def bias_delta(self) -> torch.Tensor | None:
+        """A delta for the layer's bias ([out], fp32), for kinds that carry one; None for the rest."""
+        return None
+
     def factors(self, max_rank: int | None = None) -> tuple[Factors, float, str]:
-        """(factors, relative error, how): exact when this kind has an exact form, else by SVD."""
+        """(factors, relative error, how): exact when this kind has an exact form, else by SVD; with the bias delta."""
         exact = self.exact_factors()
         if exact is not None and (max_rank is None or exact.rank <= max_rank):
-            return exact, 0.0, "exact"
-        if exact is not None:
+            f, err, how = exact, 0.0, "exact"
+        elif exact is not None:
             f, err = truncate_factors(exact, max_rank)  # type: ignore[arg-type]
-            return f, err, "svd"
-        f, err = svd_factors(self.dense(), max_rank)
-        return f, err, "svd"
+            how = "svd"
+        else:
+            f, err = svd_factors(self.dense(), max_rank)
+            how = "svd"
+        bias = self.bias_delta()
+        return (f if bias is None else replace(f, bias=bias)), err, how
 
 
 class LoraLayer(LayerSource):
@@ -322,7 +215,7 @@ class LohaLayer(LayerSource):
     def _half(self, a: str, b: str, t: str) -> torch.Tensor:
         wa, wb, tt = self.t[a].float(), self.t[b].float(), self.t.get(t)
         if tt is not None:
-            return torch.einsum("ijkl,jr,ip->prkl", tt.float(), wb, wa)
+            return _rebuild_tucker(tt.float(), wb, wa)
         return (wa @ wb.reshape(wb.shape[0], -1)).reshape(self.shape)
 
     def dense(self) -> torch.Tensor:
@@ -393,7 +286,7 @@ class LokrLayer(LayerSource):
             return self.t["lokr_w2"].float()
         a, b = self.t["lokr_w2_a"].float(), self.t["lokr_w2_b"].float()
         if "lokr_t2" in self.t:
-            return torch.einsum("ijkl,jr,ip->prkl", self.t["lokr_t2"].float(), b, a)
+            return _rebuild_tucker(self.t["lokr_t2"].float(), b, a)
         return a @ b.reshape(b.shape[0], -1)
 
     @property
@@ -417,15 +310,22 @@ class LokrLayer(LayerSource):
 
 
 class FullLayer(LayerSource):
-    """A dense delta (``diff``, optional ``diff_b`` bias delta, which a LoRA file cannot carry)."""
+    """A dense delta (``diff``) with an optional bias delta (``diff_b``), as LyCORIS' full kind writes them.
+
+    A1111 (``network_full``) and Forge (``diff`` patches on the weight and on the bias) add ``diff_b`` to the
+    layer's bias times the LoRA's multiplier, and never times ``scale``; so does :meth:`bias_delta`.
+    """
 
     kind = "full"
     required = ("diff",)
     optional = ("diff_b", "alpha", "scale")
 
     def _check(self) -> None:
-        if self.t["diff"].dim() not in (2, 4):
-            raise self._fail(f"diff of shape {list(self.t['diff'].shape)} is not a Linear or conv weight delta")
+        diff, bias = self.t["diff"], self.t.get("diff_b")
+        if diff.dim() not in (2, 4):
+            raise self._fail(f"diff of shape {list(diff.shape)} is not a Linear or conv weight delta")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != diff.shape[0]):
+            raise self._fail(f"diff_b of shape {list(bias.shape)} is not a bias delta for its {diff.shape[0]} output rows")
 
     def scale(self) -> float:
         scale = self._scalar("scale")
@@ -438,9 +338,9 @@ class FullLayer(LayerSource):
     def dense(self) -> torch.Tensor:
         return self.t["diff"].float() * self.scale()
 
-    @property
-    def has_bias_delta(self) -> bool:
-        return "diff_b" in self.t
+    def bias_delta(self) -> torch.Tensor | None:
+        bias = self.t.get("diff_b")
+        return None if bias is None else bias.float()
 
 
 LAYER_KINDS: tuple[type[LayerSource], ...] = (LoraLayer, LohaLayer, LokrLayer, FullLayer)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ziplora.errors import JobFailed, JobInterrupted
+from ziplora.formats.factors import Factors
 from ziplora.formats.keys import LayerKey
-from ziplora.formats.layers import Factors
 from ziplora.inputs import TrainingInputs
-from ziplora.merge.loss import reconstruction
+from ziplora.merge.loss import layer_similarities, zip_loss
 from ziplora.merge.patch import MergerView, Part, PatchSet
 from ziplora.progress import Progress, StepRecord
 from ziplora.schedule import Cond, cond_cat
@@ -116,22 +116,14 @@ class MergerBank:
     def params(self) -> list[torch.Tensor]:
         return [self.m_c, self.m_s] if self.keys else []
 
-    def _sums(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(self.keys), device=values.device, dtype=values.dtype).index_add_(0, self.segment, values)
-
     def similarity(self, kind: str) -> torch.Tensor:
-        """Σ over layers of |m_c·m_s| ("dot") or |cos(m_c, m_s)| ("cos"), differentiable."""
-        dots = self._sums(self.m_c * self.m_s)
-        if kind == "cos":
-            norms = (self._sums(self.m_c.square()) * self._sums(self.m_s.square())).clamp_min(1e-16).sqrt()
-            return (dots / norms).abs().sum()
-        return dots.abs().sum()
+        """Σ over layers of |m_c·m_s| ("dot") or |cos(m_c, m_s)| ("cos"), differentiable (the loss's term)."""
+        return layer_similarities(self.m_c, self.m_s, self.segment, len(self.keys), kind).sum()
 
     @torch.no_grad()
     def layer_cos(self) -> torch.Tensor:
-        dots = self._sums(self.m_c * self.m_s)
-        norms = (self._sums(self.m_c.square()) * self._sums(self.m_s.square())).clamp_min(1e-16).sqrt()
-        return (dots / norms).abs()
+        """Per-layer |cos(m_c, m_s)| (the stop criterion and the report)."""
+        return layer_similarities(self.m_c, self.m_s, self.segment, len(self.keys), "cos")
 
     @torch.no_grad()
     def per_layer_cos(self) -> dict[LayerKey, float]:
@@ -175,14 +167,10 @@ def _movement(mergers: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]) -> Mer
     )
 
 
-def _flat_factors(part: Part, merger: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in*k*k]) in fp32 with the merger applied to the input columns."""
-    up, down = part.up.float(), part.down.float()
-    if part.mid is not None:
-        down = torch.einsum("rskl,si->rikl", part.mid.float(), down)
-    if merger is not None:
-        down = down * merger.float().reshape((1, -1) + (1,) * (down.dim() - 2))
-    return up, down.reshape(down.shape[0], -1)
+def _merged_factors(part: Part, merger: torch.Tensor | None) -> Factors:
+    """A part's delta as merged (fp32, Tucker core folded in, then the merger on the input columns)."""
+    f = Factors(part.up, part.down, part.mid).float().conventional()
+    return f if merger is None else f.scale_inputs(merger.float())
 
 
 @torch.no_grad()
@@ -194,12 +182,8 @@ def delta_overlap(patches: PatchSet, bank: MergerBank, with_mergers: bool) -> di
         if layer.content is None or layer.style is None:
             continue
         mc, ms = (v() for v in bank.views(key)) if with_mergers else (None, None)
-        uc, dc = _flat_factors(layer.content, mc)
-        us, ds = _flat_factors(layer.style, ms)
-        inner = float(((uc.T @ us) * (dc @ ds.T)).sum())
-        nc = float(((uc.T @ uc) * (dc @ dc.T)).sum())
-        ns = float(((us.T @ us) * (ds @ ds.T)).sum())
-        out[key] = abs(inner) / max(1e-30, (nc * ns) ** 0.5)
+        fc, fs = _merged_factors(layer.content, mc), _merged_factors(layer.style, ms)
+        out[key] = abs(fc.inner(fs)) / max(1e-30, (fc.norm2() * fs.norm2()) ** 0.5)
     return out
 
 
@@ -224,17 +208,15 @@ class _Step:
         self.calls = 0
 
     def _eager(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, y: torch.Tensor) -> torch.Tensor:
+        bank, o = self.bank, self.options
         with torch.enable_grad():
             pred = self.predict(x, t, cond)
-            loss_c = reconstruction(pred[:1], y[:1], self.options.reduction)
-            loss_s = reconstruction(pred[1:], y[1:], self.options.reduction)
-            sim = self.bank.similarity(self.options.similarity)
-            loss = loss_c + loss_s + self.options.lam * sim
+            loss = zip_loss(pred, y, bank.m_c, bank.m_s, bank.segment, len(bank), lam=o.lam, similarity=o.similarity, reduction=o.reduction)
         self.opt.zero_grad(set_to_none=not self.want_graph)
-        loss.backward()
+        loss.total.backward()
         self.opt.step()
         self.dtype = pred.dtype
-        return torch.stack([loss_c.detach(), loss_s.detach(), sim.detach(), loss.detach()])
+        return loss.detached()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, y: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ziplora.errors import HostError
+from ziplora.formats.factors import Factors, low_rank_delta, scale_input_columns
 from ziplora.formats.keys import LayerKey
-from ziplora.formats.layers import Factors
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +58,22 @@ class Part:
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]; with mid: [r', in]
     mid: torch.Tensor | None
     merger: MergerView | None  # fp32 [in], learned during optimisation
+    bias: torch.Tensor | None = None  # [out]: a bias delta (``diff_b``), added as it is; mergers do not touch it
 
     @staticmethod
     def from_factors(f: Factors, device: torch.device, dtype: torch.dtype, merger: MergerView | None) -> Part:
-        return Part(
-            f.up.to(device, dtype),
-            f.down.to(device, dtype),
-            None if f.mid is None else f.mid.to(device, dtype),
-            merger,
-        )
+        mid, bias = (None if t is None else t.to(device, dtype) for t in (f.mid, f.bias))
+        return Part(f.up.to(device, dtype), f.down.to(device, dtype), mid, merger, bias)
 
     def scaled_down(self, x_dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
         down = self.down if self.down.dtype == x_dtype else self.down.to(x_dtype)
         if use_merger and self.merger is not None:
-            shape = (1, -1) + (1,) * (down.dim() - 2)
-            down = down * self.merger().to(x_dtype).reshape(shape)
+            down = scale_input_columns(down, self.merger().to(x_dtype))
         return down
 
     def delta(self, dtype: torch.dtype, use_merger: bool) -> torch.Tensor:
         up = self.up if self.up.dtype == dtype else self.up.to(dtype)
-        down = self.scaled_down(dtype, use_merger)
-        if self.mid is not None:
-            return torch.einsum("or,rskl,si->oikl", up, self.mid.to(dtype), down)
-        if down.dim() == 4:
-            return torch.einsum("or,rikl->oikl", up, down)
-        return up @ down
+        return low_rank_delta(up, self.scaled_down(dtype, use_merger), None if self.mid is None else self.mid.to(dtype))
 
 
 def layer_geometry(module: nn.Module) -> str | None:
@@ -156,13 +147,16 @@ class ZipLayer(nn.Module):
                 # both sources in one matmul: [B_c | B_s] @ [A_c * m_c ; A_s * m_s]
                 up = self._up_cat if self._up_cat.dtype == x.dtype else self._up_cat.to(x.dtype)
                 down = torch.cat([p.scaled_down(x.dtype, m) for p, m in active])
-                w = w + (up @ down if down.dim() == 2 else torch.einsum("or,rikl->oikl", up, down))
+                w = w + low_rank_delta(up, down)
             else:
                 for part, use_merger in active:
                     w = w + part.delta(x.dtype, use_merger)
             bias = getattr(self.base, "bias", None)
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
+            for part, _ in active:
+                if part.bias is not None:
+                    bias = part.bias.to(x.dtype) if bias is None else bias + part.bias.to(x.dtype)
             if self.geometry == "linear":
                 return F.linear(x, w, bias)
             b = self.base
@@ -176,9 +170,10 @@ class ZipLayer(nn.Module):
         dtype = x.dtype
         up = part.up.to(dtype)
         m = part.merger().to(dtype) if use_merger and part.merger is not None else None
+        bias = None if part.bias is None else part.bias.to(dtype)
         if self.geometry == "linear":
             h = x * m if m is not None else x
-            return F.linear(F.linear(h, part.down.to(dtype)), up)
+            return F.linear(F.linear(h, part.down.to(dtype)), up, bias)
         b = self.base
         h = x * m.reshape(1, -1, 1, 1) if m is not None else x
         if part.mid is not None:
@@ -186,7 +181,7 @@ class ZipLayer(nn.Module):
             h = F.conv2d(h, part.mid.to(dtype), None, b.stride, b.padding, b.dilation)  # type: ignore[arg-type]
         else:
             h = F.conv2d(h, part.down.to(dtype), None, b.stride, b.padding, b.dilation)  # type: ignore[arg-type]
-        return F.conv2d(h, up[:, :, None, None])
+        return F.conv2d(h, up[:, :, None, None], bias)
 
 
 class PatchSet:

@@ -1,4 +1,7 @@
-"""ToyXL: the tiny SDXL-shaped text-to-image model (UNet + two text encoders + schedule + identity "VAE")."""
+"""ToyXL: the tiny SDXL-shaped text-to-image model (UNet + two text encoders + schedule + identity "VAE").
+
+Its networks are ``ziplora.architecture``'s classes at the sizes in ``ziplora.architecture.toyxl``.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ziplora.architecture.clip_text import CLIPTextModel
+from ziplora.architecture.sgm_unet import UNetModel, timestep_embedding
+from ziplora.architecture.toyxl import LATENT_FACTOR, SIZE_EMBED_DIM, TE1_CONFIG, TE2_CONFIG, UNET_CONFIG, VOCAB_SIZE
 from ziplora.schedule import Cond, NoiseSchedule, ddim_sample
-from ziplora.toy.model import CLIPTextModel, TextEncoderConfig, UNetConfig, UNetModel, timestep_embedding
 from ziplora.toy.text import VOCAB, Tokenizer
 from ziplora.toy.world import IMAGE_SIZE
 
-__all__ = ["ToyXL", "TE1_CONFIG", "TE2_CONFIG", "UNET_CONFIG", "SIZE_EMBED_DIM"]
+__all__ = ["ToyXL", "untrained_toy"]
 
-VOCAB_SIZE = 64  # room for words added later without changing the trained embedding tables
 assert len(VOCAB) <= VOCAB_SIZE
-TE1_CONFIG = TextEncoderConfig(vocab_size=VOCAB_SIZE, max_length=16, width=32, layers=3, heads=2)
-TE2_CONFIG = TextEncoderConfig(vocab_size=VOCAB_SIZE, max_length=16, width=64, layers=3, heads=4, projection_dim=64)
-LATENT_FACTOR = 2  # the toy "VAE": an exact space-to-depth of the 32x32 RGB image into 12 x 16 x 16
-SIZE_EMBED_DIM = 8  # SDXL uses 256 per size number; six numbers (original h/w, crop top/left, target h/w)
-UNET_CONFIG = UNetConfig(
-    in_channels=3 * LATENT_FACTOR**2,
-    out_channels=3 * LATENT_FACTOR**2,
-    model_channels=32,
-    channel_mult=(1, 1, 2),
-    num_res_blocks=2,
-    transformer_depth=(0, 1, 1),
-    transformer_depth_middle=1,
-    context_dim=TE1_CONFIG.width + TE2_CONFIG.width,
-    adm_in_channels=(TE2_CONFIG.projection_dim or 0) + 6 * SIZE_EMBED_DIM,
-    num_head_channels=16,
-    norm_groups=8,
-)
 
 
 def zero_init_like_sgm(unet: UNetModel) -> None:

@@ -288,7 +288,7 @@ On this toy world, at the paper's settings, ZipLoRA is **not** better than a dir
 the style, and an oracle-tuned weighted sum beats both. What we checked, on the three heart_sks pairs with 8 seeds
 per cell ("both right", averaged; the same run's direct merge 21%, weighted sum 38%, default ZipLoRA 8%):
 
-| what was changed | both right | subject alone kept | mean per-layer \|cos(m_c, m_s)\| after |
+| what was changed | both right | subject alone kept | mean per-layer \\|cos(m_c, m_s)\\| after |
 |---|---|---|---|
 | nothing (lr 1e-2, λ 0.01, 100 steps) | 8% | 62% | 0.89-0.90 |
 | 300 steps | 17% | 75% | 0.21-0.43 |
@@ -331,7 +331,7 @@ subject (heart_sks) with the three styles, 8 seeds per cell, "both right" averag
 | oracle weighted sum | 54% |
 | ZipLoRA, \\|m_c·m_s\\|, squared error summed per sample (default) | 46% |
 | ZipLoRA, \\|cos\\| | 38% |
-| ZipLoRA, \\|m_c·m_s\\|, squared error averaged per sample | 0% (λ's term dominates: mean \|m - 1\| 0.78, both LoRAs fade) |
+| ZipLoRA, \\|m_c·m_s\\|, squared error averaged per sample | 0% (λ's term dominates: mean \\|m - 1\\| 0.78, both LoRAs fade) |
 | ZipLoRA, \\|cos\\|, averaged | 21% |
 | ZipLoRA, λ = 0.003 | 42% |
 | ZipLoRA, λ = 0.03 | 29% |

@@ -1,27 +1,21 @@
-"""ToyXL: an SDXL-shaped UNet and two CLIP-shaped text encoders, small enough to train on a CPU.
+"""sgm's ``UNetModel`` (the layout of the original SDXL checkpoint, which A1111 and Forge both expose).
 
-The module tree follows sgm's ``UNetModel`` (the layout of the original SDXL checkpoint, which A1111 and
-Forge both expose) and Hugging Face's ``CLIPTextModel`` names, so every LoRA key, patch and export that works
-here works on SDXL unchanged. ``UNetConfig.sdxl_base()`` builds the full-size SDXL-base UNet from the same
-classes for benchmarks.
+One set of classes builds every UNet of this layout: ``UNetConfig.sdxl_base()`` the full-size SDXL-base UNet
+(benchmarks, and the golden test of the pinned module list in ``sdxl_base.json``), the toy model's small
+configuration (``ziplora.architecture.toyxl``) the bundled ToyXL. The module names are sgm's, so every LoRA key,
+patch and export that works on the toy works on SDXL unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "UNetConfig",
-    "UNetModel",
-    "TextEncoderConfig",
-    "CLIPTextModel",
-    "timestep_embedding",
-]
+__all__ = ["UNetConfig", "UNetModel", "BasicTransformerBlock", "SpatialTransformer", "timestep_embedding"]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -277,103 +271,3 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Text encoders with Hugging Face CLIPTextModel module names.
-
-
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    vocab_size: int = 64
-    max_length: int = 16
-    width: int = 32
-    layers: int = 2
-    heads: int = 2
-    projection_dim: int | None = None  # te2 carries a text_projection, as CLIPTextModelWithProjection
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = (p(x).reshape(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, width * 4)
-        self.fc2 = nn.Linear(width * 4, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.self_attn = CLIPAttention(width, heads)
-        self.layer_norm1 = nn.LayerNorm(width)
-        self.mlp = CLIPMLP(width)
-        self.layer_norm2 = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(width, heads) for _ in range(layers)])
-
-
-class CLIPEmbeddings(nn.Module):
-    def __init__(self, vocab: int, length: int, width: int) -> None:
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab, width)
-        self.position_embedding = nn.Embedding(length, width)
-
-
-class CLIPTextTransformer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig) -> None:
-        super().__init__()
-        self.embeddings = CLIPEmbeddings(cfg.vocab_size, cfg.max_length, cfg.width)
-        self.encoder = CLIPEncoder(cfg.width, cfg.layers, cfg.heads)
-        self.final_layer_norm = nn.LayerNorm(cfg.width)
-
-
-class CLIPTextModel(nn.Module):
-    """Returns (penultimate hidden states, pooled output), as SDXL's two encoders are used."""
-
-    def __init__(self, cfg: TextEncoderConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.text_model = CLIPTextTransformer(cfg)
-        self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
-
-    def forward(self, tokens: torch.Tensor, eos_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tm = self.text_model
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding(positions)[None]
-        penultimate = x
-        for i, layer in enumerate(tm.encoder.layers):
-            x = layer(x)
-            if i == len(tm.encoder.layers) - 2:
-                penultimate = x
-        last = tm.final_layer_norm(x)
-        pooled = last[torch.arange(last.shape[0], device=last.device), eos_index]
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        return penultimate, pooled
