@@ -1,4 +1,4 @@
-"""Opt-in: check what ziplora/hosts/forge.py assumes against a real Forge 2 checkout (no model is loaded).
+"""Opt-in: check what ziplora/hosts/forge/ assumes against a real Forge 2 checkout (no model is loaded).
 
 Set ``ZIPLORA_FORGE_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge (main). Without it every
 test here is skipped. Most checks read Forge's source with ``ast`` (names, arguments, decorators, the few
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import standins_forge as standins
+from tests.standins import forge as standins
 from ziplora.export import ExportOptions, export_merge
 from ziplora.formats import Family, LayerKey
 from ziplora.formats.families import reference_shapes

@@ -1,4 +1,4 @@
-"""The Forge 2 host adapter against the Forge stand-in (tests/standins_forge.py), on the toy model.
+"""The Forge 2 host adapter against the Forge stand-in (tests/standins/forge.py), on the toy model.
 
 Each job must leave Forge exactly as it found it: the same weights (bit for bit), flags, hooks and objects,
 the user's LoRAs off while it runs and back at the next generation, the queue lock and progress state free.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests import standins_forge as standins
+from tests.standins import forge as standins
 from ziplora.errors import HostError
 from ziplora.export import ExportOptions, export_merge
 from ziplora.formats import Family, LayerKey
@@ -242,7 +242,8 @@ def test_manual_cast_weight_copies_are_recomputed_not_kept_for_backward() -> Non
     """Found on a real Forge 2 (--always-cpu --unet-in-fp16): a layer that casts its fp16 weight to fp32 at each
     forward hands F.linear a fresh copy that autograd keeps until backward, the whole UNet again in fp32; the
     merge ran the machine out of memory. The session recomputes those casts in backward instead."""
-    from ziplora.hosts.forge import _recompute_casts, _restore_forwards
+    from ziplora.hosts.forge.autograd import recompute_casts as _recompute_casts
+    from ziplora.hosts.forge.autograd import restore_forwards as _restore_forwards
 
     torch.manual_seed(0)
     layer = standins.ForgeLinear(256, 128)

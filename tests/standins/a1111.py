@@ -1,4 +1,4 @@
-"""A stand-in of exactly the AUTOMATIC1111 v1.10.1 surface ``ziplora/hosts/a1111.py`` and ``scripts/ziplora.py``
+"""A stand-in of exactly the AUTOMATIC1111 v1.10.1 surface ``ziplora/hosts/a1111/`` and ``scripts/ziplora.py``
 use, built on the toy model.
 
 ``build_world(toy, lora_dir)`` wraps a ToyXL so it looks like ``shared.sd_model`` (an sgm ``DiffusionEngine`` as

@@ -1,4 +1,4 @@
-"""A stand-in of exactly the Forge 2 surface ``ziplora/hosts/forge.py`` uses, built on the toy model.
+"""A stand-in of exactly the Forge 2 surface ``ziplora/hosts/forge/`` uses, built on the toy model.
 
 ``install(lora_dir)`` puts fake ``modules.*``, ``modules_forge.*``, ``backend.*`` and ``networks`` modules into
 ``sys.modules`` (``uninstall()`` takes them out again and restores whatever was there). Every class and
