@@ -480,6 +480,27 @@ def test_lora_dir_and_list_come_from_forge(forge: standins.World, host: ForgeHos
     assert ForgeHost().export_defaults.base_model_version == "sdxl_base_v1-0"
 
 
+def test_settings_ziplora_reach_the_session_and_the_preview(forge: standins.World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings > ZipLoRA apply in Forge as in A1111, on the host the entry point builds (``webui_host()``, no
+    arguments), read at each use so a change needs no restart."""
+    import ziplora.hosts
+
+    monkeypatch.setattr(ziplora.hosts, "running_in_forge", lambda: True)
+    host = ziplora.hosts.webui_host()
+    assert isinstance(host, ForgeHost)
+    opts = sys.modules["modules.shared"].opts
+    opts.ziplora_resolution, opts.ziplora_guidance, opts.ziplora_preview_steps, opts.ziplora_save_previews = 48, 3.5, 2, True
+    with host.session(SessionOptions(), Progress()) as session:
+        assert (session.default_resolution, session.default_guidance) == (48, 3.5)
+    host.render(["a shape"], [(forge.lora_dir / "user.safetensors", 0.5)], 1, Progress())
+    p = forge.renders[-1]
+    assert (p.width, p.height, p.steps, p.cfg_scale, p.do_not_save_samples) == (48, 48, 2, 3.5, False)
+    opts.ziplora_preview_steps, opts.ziplora_save_previews = 3, False
+    host.render(["a shape"], [(forge.lora_dir / "user.safetensors", 0.5)], 1, Progress())
+    assert forge.renders[-1].steps == 3 and forge.renders[-1].do_not_save_samples is True
+    _assert_clean(forge)
+
+
 # -- the queue, progress and the preview ----------------------------------------------------------------------
 
 

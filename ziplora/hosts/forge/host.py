@@ -21,7 +21,7 @@ from ziplora.hosts.forge.memory import training_memory
 from ziplora.hosts.forge.preview import network_names, render_txt2img
 from ziplora.hosts.forge.session import ForgeSession
 from ziplora.hosts.forge.user_loras import lora_free_objects
-from ziplora.hosts.settings import WebUISettings
+from ziplora.hosts.settings import WebUISettings, read_settings
 from ziplora.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ __all__ = ["ForgeHost"]
 class ForgeHost:
     """LoRAs live in Forge's ``--lora-dir``; the model is whatever SDXL checkpoint Forge has loaded.
 
-    ``families``, ``default_resolution`` and the preview settings are parameters so the tests can drive this
-    adapter on the toy model through a stand-in of Forge; the WebUI uses the defaults.
+    The resolution, guidance and preview settings come from Settings > ZipLoRA (``ziplora.hosts.settings``), read
+    at each use. ``families`` and the keyword overrides exist so the tests can drive this adapter on the toy model
+    through a stand-in of Forge; the WebUI builds it without arguments (``ziplora.hosts.webui_host``).
     """
 
     name = "forge"
@@ -41,23 +42,25 @@ class ForgeHost:
     def __init__(
         self,
         families: tuple[Family, ...] = (Family.SDXL,),
-        default_resolution: int = 1024,
-        default_guidance: float = 5.0,
-        preview_steps: int = 20,
+        default_resolution: int | None = None,
+        default_guidance: float | None = None,
+        preview_steps: int | None = None,
         preview_sampler: str = "Euler",
+        save_previews: bool | None = None,
     ) -> None:
         self.families = tuple(families)
         self.export_defaults = export_defaults_for(self.families[0])
-        self.default_resolution = default_resolution
-        self.default_guidance = default_guidance
-        self.preview_steps = preview_steps
         self.preview_sampler = preview_sampler
+        # None: the setting; a value: fixed for this host
+        self._overrides = dict(resolution=default_resolution, guidance=default_guidance, preview_steps=preview_steps,
+                               save_previews=save_previews)  # fmt: skip
         self._state_lock = threading.Lock()
         self._owner: int | None = None  # the thread holding Forge's queue lock through job()
         self._depth = 0
 
     def settings(self) -> WebUISettings:
-        return WebUISettings(self.default_resolution, self.default_guidance, self.preview_steps, False)
+        """Settings > ZipLoRA as they are now, with this host's overrides."""
+        return read_settings(**self._overrides)
 
     # -- files ------------------------------------------------------------------------------------------
     def lora_dir(self) -> Path:
@@ -183,7 +186,8 @@ class ForgeHost:
 
     # -- the preview ------------------------------------------------------------------------------------
     def render(self, prompts: list[str], loras: list[tuple[Path, float]], seed: int, progress: Progress) -> torch.Tensor:
-        """Forge's own txt2img with ``<lora:NAME:W>`` in every prompt, one seed for all, nothing saved."""
+        """Forge's own txt2img with ``<lora:NAME:W>`` in every prompt, one seed for all, nothing saved unless
+        Settings > ZipLoRA says so."""
         with self.job(progress):
             networks = lora_extension()
             if networks is None:
