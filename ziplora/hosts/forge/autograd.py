@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,20 +16,20 @@ from ziplora.hosts.forge.quantised import expose_shapes, forget_shape, probe_bac
 
 log = logging.getLogger(__name__)
 
-__all__ = ["usable_for_autograd", "deinference", "transformer_blocks", "clone_first_input", "recompute_casts", "restore_forwards",
+__all__ = ["usable_for_autograd", "ordinary_tensors", "transformer_blocks", "clone_first_input", "recompute_casts", "restore_forwards",
            "restore_flags"]  # fmt: skip
 
 
 @contextmanager
 def usable_for_autograd(dm: nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Autograd through Forge's UNet ``dm`` for the job, every change undone on exit: ordinary tensors, frozen
-    (flags back afterwards), norm inputs copied, low-bit layers' shapes lent, manual casts recomputed; a
-    low-bit layer class without a working backward is refused before anything is sampled."""
+    """Autograd through Forge's UNet ``dm`` for the job, every change undone on exit: ordinary tensors (the
+    originals put back), frozen (flags back afterwards), norm inputs copied, low-bit layers' shapes lent, manual
+    casts recomputed; a low-bit layer class without a working backward is refused before anything is sampled."""
     with ExitStack() as stack:
         flags = {name: p.requires_grad for name, p in dm.named_parameters()}
         stack.callback(restore_flags, dm, flags)
-        replaced = deinference(dm)
-        log.info("ZipLoRA: %d inference tensors of Forge's UNet replaced by ordinary copies", replaced)
+        swapped = stack.enter_context(ordinary_tensors(dm))
+        log.info("ZipLoRA: %d inference tensors of Forge's UNet swapped for ordinary copies for the job", swapped)
         dm.requires_grad_(False)
         for block in transformer_blocks(dm):
             for norm in (block.norm1, block.norm2):
@@ -43,35 +44,77 @@ def usable_for_autograd(dm: nn.Module, device: torch.device, dtype: torch.dtype)
         yield
 
 
+@contextmanager
+def ordinary_tensors(root: nn.Module) -> Iterator[int]:
+    """For the job, every inference-tensor parameter / buffer of ``root`` is swapped for an ordinary copy (same
+    module, name, value, device, dtype and class; autograd refuses to save inference tensors, and Forge builds
+    its models under inference mode). Quantised (NF4 / GGUF) weights stay: their layers dequantise into fresh
+    tensors anyway. Yields how many tensors were swapped.
+
+    Afterwards the module holds the very same tensor objects again, inference tensors again, with their flags
+    and attributes. While the job runs they hold no memory: each one's storage is released as soon as its copy
+    exists and refilled from the copy at the end (with the copy's latest value, device and dtype, should Forge
+    have moved or cast it), one tensor at a time, so peak memory grows by one tensor, not by the UNet."""
+    swaps: list[_Swap] = []
+    try:
+        _swap_for_copies(root, swaps)
+        yield len({id(s.original) for s in swaps})
+    finally:
+        _put_back(swaps)
+
+
+@dataclass
+class _Swap:
+    table: dict[str, Any]  # the module's _parameters or _buffers
+    name: str
+    original: torch.Tensor  # Forge's inference tensor (its storage released while the job runs)
+    copy: torch.Tensor
+
+
 @torch.no_grad()
-def deinference(root: nn.Module) -> int:
-    """Replace every inference-tensor parameter / buffer by an ordinary clone: same module, name, value,
-    device and dtype. Forge builds its models under inference mode, and autograd refuses to save such
-    tensors. Quantised (NF4 / GGUF) weights stay: their layers dequantise into fresh tensors anyway.
-    Returns how many tensors were replaced; the old ones are freed unless something else holds them."""
-    replaced: dict[int, nn.Parameter] = {}
-    count = 0
-    with torch.inference_mode(False):
-        for module in root.modules():
-            for name, p in list(module._parameters.items()):
-                if p is None or not p.is_inference() or quantised_param(p):
+def _swap_for_copies(root: nn.Module, swaps: list[_Swap]) -> None:
+    copies: dict[int, torch.Tensor] = {}  # id(original) -> its copy: a tensor shared by two modules stays shared
+    for module in root.modules():
+        for table, parameters in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None or not t.is_inference() or (parameters and quantised_param(t)):
                     continue
-                new = replaced.get(id(p))
-                if new is None:
-                    copy = getattr(p, "copy_with_data", None)  # GGUF's unquantised tensors keep their class
-                    new = copy(p.data.clone()) if callable(copy) else nn.Parameter(p.data.clone(), requires_grad=False)
-                    new.requires_grad_(False)
-                    for attr, value in getattr(p, "__dict__", {}).items():
-                        if attr not in getattr(new, "__dict__", {}):
-                            setattr(new, attr, value)
-                    replaced[id(p)] = new
-                    count += 1
-                module._parameters[name] = new
-            for name, b in list(module._buffers.items()):
-                if b is not None and b.is_inference():
-                    module._buffers[name] = b.clone()
-                    count += 1
-    return count
+                copy = copies.get(id(t))
+                if copy is None:
+                    copy = copies[id(t)] = _ordinary_copy(t, parameters)
+                    with torch.inference_mode():
+                        t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # the original holds no memory now
+                table[name] = copy
+                swaps.append(_Swap(table, name, t, copy))
+
+
+def _ordinary_copy(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+    with torch.inference_mode(False):
+        if not parameter:
+            return t.clone()
+        copy = getattr(t, "copy_with_data", None)  # GGUF's unquantised tensors keep their class
+        new = copy(t.data.clone()) if callable(copy) else nn.Parameter(t.data.clone(), requires_grad=False)
+        new.requires_grad_(False)
+        for attr, value in getattr(t, "__dict__", {}).items():
+            if attr not in getattr(new, "__dict__", {}):
+                setattr(new, attr, value)
+        return new  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def _put_back(swaps: list[_Swap]) -> None:
+    """Each original refilled (as an inference tensor) from what its module holds now, and put back in place;
+    the copies are dropped as it goes."""
+    refilled: set[int] = set()
+    while swaps:
+        swap = swaps.pop()
+        if id(swap.original) not in refilled:
+            current = swap.table.get(swap.name)
+            source = current if isinstance(current, torch.Tensor) else swap.copy
+            with torch.inference_mode():
+                swap.original.data = source.detach().clone()
+            refilled.add(id(swap.original))
+        swap.table[swap.name] = swap.original
 
 
 def transformer_blocks(root: nn.Module) -> list[nn.Module]:
