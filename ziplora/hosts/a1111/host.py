@@ -16,6 +16,7 @@ import torch
 from ziplora.errors import JobInterrupted
 from ziplora.formats.families import Family
 from ziplora.hosts.a1111.checks import check_model, session_dtype
+from ziplora.hosts.a1111.embeddings import bundled_embeddings_registered
 from ziplora.hosts.a1111.preview import render_txt2img
 from ziplora.hosts.a1111.session import A1111Session
 from ziplora.hosts.a1111.training_mode import attention_for_backward, frozen
@@ -144,6 +145,7 @@ class A1111Host:
             stack.enter_context(extra_networks_off(sd_model))
             stack.enter_context(frozen(sd_model))
             stack.enter_context(attention_for_backward())
+            stack.enter_context(bundled_embeddings_registered(sd_model, options.embeddings))
             settings = read_settings()
             resolution = options.resolution or settings.resolution
             session = A1111Session(sd_model, dtype, resolution, settings.guidance)

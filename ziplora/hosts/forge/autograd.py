@@ -75,7 +75,8 @@ class _Swap:
 def _swap_for_copies(root: nn.Module, swaps: list[_Swap]) -> None:
     copies: dict[int, torch.Tensor] = {}  # id(original) -> its copy: a tensor shared by two modules stays shared
     for module in root.modules():
-        for table, parameters in ((module._parameters, True), (module._buffers, False)):
+        tables: tuple[tuple[dict[str, Any], bool], ...] = ((module._parameters, True), (module._buffers, False))
+        for table, parameters in tables:
             for name, t in list(table.items()):
                 if t is None or not t.is_inference() or (parameters and quantised_param(t)):
                     continue

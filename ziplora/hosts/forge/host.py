@@ -16,6 +16,7 @@ from ziplora.errors import HostError, JobInterrupted
 from ziplora.formats.families import Family
 from ziplora.hosts.base import SessionOptions, export_defaults_for, list_lora_files
 from ziplora.hosts.forge.autograd import usable_for_autograd
+from ziplora.hosts.forge.embeddings import bundled_embeddings_registered
 from ziplora.hosts.forge.engine import check_engine, compute_dtype, current_model, load_model, lora_extension, memory_management
 from ziplora.hosts.forge.memory import training_memory
 from ziplora.hosts.forge.preview import network_names, render_txt2img
@@ -182,6 +183,7 @@ class ForgeHost:
             memory = training_memory(unet, resolution, latent, options.gradient_checkpointing)
             stack.enter_context(lora_free_objects(sd_model, mm, memory))
             stack.enter_context(usable_for_autograd(kmodel.diffusion_model, torch.device(unet.load_device), dtype))
+            stack.enter_context(bundled_embeddings_registered(sd_model, options.embeddings))
             yield ForgeSession(sd_model, unet, mm, dtype, memory, resolution, settings.guidance)
 
     # -- the preview ------------------------------------------------------------------------------------
