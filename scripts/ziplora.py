@@ -38,55 +38,16 @@ def _import_path() -> None:
         sys.path.append(_extension_dir())
 
 
-def _register_options() -> None:
-    """A few settings under Settings > ZipLoRA; options_templates works with --nowebui too (on_ui_settings
-    does not). The A1111 host reads them (ziplora.hosts.a1111.OPTION_DEFAULTS has the same defaults)."""
-    from modules import shared
-
-    from ziplora.hosts.a1111 import OPTION_DEFAULTS as d
-
-    try:
-        import gradio as gr
-
-        slider: Any = gr.Slider
-    except ImportError:  # a WebUI always has gradio; without it, A1111 picks a component from the default's type
-        slider = None
-    shared.options_templates.update(
-        shared.options_section(
-            ("ziplora", "ZipLoRA"),
-            {
-                "ziplora_resolution": shared.OptionInfo(
-                    d["ziplora_resolution"],
-                    "Default merge resolution (data-free sampling and SDXL size conditioning)",
-                    slider,
-                    {"minimum": 512, "maximum": 1536, "step": 64},
-                ),
-                "ziplora_guidance": shared.OptionInfo(
-                    d["ziplora_guidance"],
-                    "Guidance (CFG) of the sampling that makes the merge's inputs and of the A/B preview",
-                    slider,
-                    {"minimum": 1.0, "maximum": 15.0, "step": 0.5},
-                ),
-                "ziplora_preview_steps": shared.OptionInfo(
-                    d["ziplora_preview_steps"], "Sampling steps of each A/B preview image", slider, {"minimum": 4, "maximum": 60, "step": 1}
-                ),
-                "ziplora_save_previews": shared.OptionInfo(
-                    d["ziplora_save_previews"], "Save A/B preview images to the txt2img output folder"
-                ),
-            },
-        )  # fmt: skip
-    )
-
-
 def _setup() -> None:
     _import_path()
     from modules import script_callbacks, shared
 
     import ziplora
     import ziplora.hosts
+    from ziplora.hosts.settings import register_settings
     from ziplora.service import MergeService
 
-    _register_options()
+    register_settings()  # Settings > ZipLoRA, declared and read in ziplora/hosts/settings.py for both WebUIs
     # one service per process: a "Reload UI" re-imports this file while a merge may be running
     service = getattr(ziplora, "_webui_service", None)
     if service is None:

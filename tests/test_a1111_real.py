@@ -317,3 +317,70 @@ def test_names_signatures_and_literals_the_adapter_uses() -> None:
     assert "shared.cmd_opts.lowvram" in _source("modules/lowvram.py", "is_needed")
     assert "alphas_cumprod_original" in _text("modules/sd_models.py")
     assert 'model.parameterization = "v" if' in _text("modules/sd_models_xl.py")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bundled embeddings: networks.py's reading of bundle_emb, textual_inversion.py's database
+
+
+def test_bundled_embeddings_are_read_and_registered_as_the_real_a1111_does(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """networks.py load_network's reading of ``bundle_emb`` keys and textual_inversion.py's own
+    ``create_embedding_from_data`` / ``EmbeddingDatabase`` (stubs for devices, shared, hashes): the embedding the
+    session builds equals the one A1111's Lora loader builds, the real database finds the trigger in a prompt
+    while the session is open, and comes back exactly as it was."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.standins.textual_inversion import bundle_embedding, word_ids
+    from tests.test_host_bundled_embeddings import snapshot
+    from ziplora.formats.families import Family
+    from ziplora.formats.lorafile import open_lora
+    from ziplora.hosts.a1111.embeddings import bundled_embeddings_registered
+    from ziplora.hosts.embeddings import bundled_embeddings
+    from ziplora.synthetic import attention_layers, write_random_lora
+
+    ti = _load("modules/textual_inversion/textual_inversion.py", ["Embedding", "EmbeddingDatabase", "create_embedding_from_data"],
+               {"torch": torch, "os": os, "devices": types.SimpleNamespace(device=torch.device("cpu")),
+                "hashes": types.SimpleNamespace(sha256=lambda *a, **k: None)})  # fmt: skip
+    path = write_random_lora(tmp_path / "subject.safetensors", attention_layers(Family.TOYXL), Family.TOYXL, rank=2, seed=1)
+    tensors = bundle_embedding(path, "sksdog", vectors=2, seed=3, widths=(768, 1280))  # SDXL's widths
+    ns = _networks_namespace({}, {str(path): load_file(str(path))})
+    ns["textual_inversion"] = types.SimpleNamespace(create_embedding_from_data=ti["create_embedding_from_data"])
+    _load(NETWORKS, ["re_digits", "re_x_proj", "re_compiled", "suffix_conversion", "convert_diffusers_name_to_compvis",
+                     "BundledTIHash", "load_network"], ns)  # fmt: skip
+    theirs = ns["load_network"]("subject", types.SimpleNamespace(filename=str(path))).bundle_embeddings["sksdog"]
+    found = bundled_embeddings(open_lora(path))
+    ours = ti["create_embedding_from_data"](found[0].data, "sksdog", filename=f"{found[0].source}/sksdog")
+    assert (ours.shape, ours.vectors, theirs.shape, theirs.vectors) == (2048, 2, 2048, 2)
+    assert ours.vec.keys() == theirs.vec.keys() == {"clip_l", "clip_g"}
+    assert all(torch.equal(ours.vec[k], theirs.vec[k]) and torch.equal(ours.vec[k], tensors[f"bundle_emb.sksdog.{k}"]) for k in ours.vec)
+
+    db = ti["EmbeddingDatabase"]()
+    db.expected_shape = 2048
+    model = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(tokenize=word_ids))
+    user = ti["create_embedding_from_data"]({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, "mystyle")
+    db.register_embedding(user, model)
+    before, _keep = snapshot(db)
+    hijack = types.ModuleType("modules.sd_hijack")
+    hijack.model_hijack = types.SimpleNamespace(embedding_db=db)  # type: ignore[attr-defined]
+    real_ti = types.ModuleType("modules.textual_inversion.textual_inversion")
+    real_ti.create_embedding_from_data = ti["create_embedding_from_data"]  # type: ignore[attr-defined]
+    package = types.ModuleType("modules")
+    package.__path__ = []  # type: ignore[attr-defined]
+    package.sd_hijack = hijack  # type: ignore[attr-defined]
+    ti_package = types.ModuleType("modules.textual_inversion")
+    ti_package.__path__ = []  # type: ignore[attr-defined]
+    ti_package.textual_inversion = real_ti  # type: ignore[attr-defined]
+    for name, module in (("modules", package), ("modules.sd_hijack", hijack), ("modules.textual_inversion", ti_package),
+                         ("modules.textual_inversion.textual_inversion", real_ti)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    with bundled_embeddings_registered(model, found) as names:
+        assert names == ["sksdog"]
+        tokens = word_ids(["a sksdog in mystyle"])[0]
+        assert db.find_embedding_at_position(tokens, 1)[0].name == "sksdog"
+        assert db.find_embedding_at_position(tokens, 3)[0] is user
+    assert snapshot(db)[0] == before and db.find_embedding_at_position(tokens, 1) == (None, None)
+    nets = _source(NETWORKS, "load_networks")
+    assert "emb_db = sd_hijack.model_hijack.embedding_db" in nets and "emb_db.register_embedding(embedding, shared.sd_model)" in nets
+    assert "if embedding.loaded is None and emb_name in emb_db.word_embeddings" in nets  # the folder's wins

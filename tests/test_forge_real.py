@@ -1,4 +1,4 @@
-"""Opt-in: check what ziplora/hosts/forge.py assumes against a real Forge 2 checkout (no model is loaded).
+"""Opt-in: check what ziplora/hosts/forge/ assumes against a real Forge 2 checkout (no model is loaded).
 
 Set ``ZIPLORA_FORGE_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge (main). Without it every
 test here is skipped. Most checks read Forge's source with ``ast`` (names, arguments, decorators, the few
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import standins_forge as standins
+from tests.standins import forge as standins
 from ziplora.export import ExportOptions, export_merge
 from ziplora.formats import Family, LayerKey
 from ziplora.formats.families import reference_shapes
@@ -404,3 +404,74 @@ def test_real_backend_imports_if_its_packages_are_here(forge_path: Path) -> None
     finally:
         for name in set(sys.modules) - set(saved):
             sys.modules.pop(name, None)
+
+
+# -- bundled embeddings ----------------------------------------------------------------------------------------
+
+
+def test_bundled_embeddings_with_forges_own_embedding_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``backend/text_processing/textual_inversion.py`` imports as it is: the session registers a LoRA's bundled
+    embedding with two real databases (SDXL's ``text_processing_engine_l`` / ``_g``), the trigger is found in a
+    prompt, and both come back exactly. Forge's LoRA extension never reads ``bundle_emb`` (docs/forge.md)."""
+    from tests.standins.textual_inversion import bundle_embedding, word_ids
+    from tests.test_host_bundled_embeddings import snapshot
+    from ziplora.hosts.embeddings import bundled_embeddings
+    from ziplora.hosts.forge.embeddings import bundled_embeddings_registered
+
+    assert FORGE is not None
+    spec = importlib.util.spec_from_file_location(
+        "backend.text_processing.textual_inversion", FORGE / "backend/text_processing/textual_inversion.py"
+    )
+    ti = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(ti)  # type: ignore[union-attr]
+    monkeypatch.setitem(sys.modules, "backend.text_processing.textual_inversion", ti)
+
+    def tokenizer(texts: list[str], truncation: bool = True, add_special_tokens: bool = True) -> dict:
+        assert truncation is False and add_special_tokens is False  # as EmbeddingDatabase.register_embedding_by_name asks
+        return {"input_ids": word_ids(texts)}
+
+    dbs = [ti.EmbeddingDatabase(tokenizer, 2048) for _ in range(2)]
+    sd_model = types.SimpleNamespace(text_processing_engine_l=types.SimpleNamespace(embeddings=dbs[0]),
+                                     text_processing_engine_g=types.SimpleNamespace(embeddings=dbs[1]))  # fmt: skip
+    user = ti.create_embedding_from_data({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, "mystyle")
+    for db in dbs:
+        db.register_embedding(user)
+    before = [snapshot(db) for db in dbs]
+    path = write_random_lora(tmp_path / "subject.safetensors", attention_layers(Family.TOYXL), Family.TOYXL, rank=2, seed=1)
+    tensors = bundle_embedding(path, "sksdog", seed=3, widths=(768, 1280))
+    with bundled_embeddings_registered(sd_model, bundled_embeddings(open_lora(path))) as names:
+        assert names == ["sksdog"]
+        tokens = word_ids(["a sksdog in mystyle"])[0]
+        for db in dbs:
+            found = db.find_embedding_at_position(tokens, 1)[0]
+            assert found.name == "sksdog" and found.shape == 2048 and found.vectors == 2
+            assert torch.equal(found.vec["clip_g"], tensors["bundle_emb.sksdog.clip_g"])
+            assert db.find_embedding_at_position(tokens, 3)[0] is user
+    assert [snapshot(db)[0] for db in dbs] == [b[0] for b in before]
+    lora_extension = (FORGE / "extensions-builtin/sd_forge_lora/networks.py").read_text(encoding="utf-8")
+    assert "bundle_emb." not in lora_extension and "'bundle_emb'" not in lora_extension and '"bundle_emb"' not in lora_extension
+    sdxl = (FORGE / "backend/diffusion_engine/sdxl.py").read_text(encoding="utf-8")
+    for literal in ("self.text_processing_engine_l = ClassicTextProcessingEngine(", "self.text_processing_engine_g = ClassicTextProcessingEngine(",
+                    "embedding_key='clip_g'", "embedding_expected_shape=2048"):  # fmt: skip
+        assert literal in sdxl, literal
+    classic = (FORGE / "backend/text_processing/classic_engine.py").read_text(encoding="utf-8")
+    assert "self.embeddings = EmbeddingDatabase(tokenizer, embedding_expected_shape)" in classic
+    assert "CLIPEmbeddingForTextualInversion(model_embeddings.token_embedding, self.embeddings" in classic
+
+
+def test_settings_are_registered_as_forges_own_extensions_register_theirs() -> None:
+    """The entry point registers Settings > ZipLoRA with ``shared.options_templates.update(shared.options_section(...))``
+    (ziplora/hosts/settings.py); Forge has both, as A1111 does, and its LoRA extension registers its options so."""
+    assert FORGE is not None
+    shared = _tree("modules/shared.py")
+    names = {
+        t.id
+        for n in shared.body
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Name)
+    }
+    assert {"options_templates", "options_section", "OptionInfo", "opts"} <= names
+    assert _args(_find(_tree("modules/options.py"), "options_section")) == ["section_identifier", "options_dict"]
+    text = (FORGE / "extensions-builtin/sd_forge_lora/scripts/lora_script.py").read_text(encoding="utf-8")
+    assert "shared.options_templates.update(shared.options_section(" in text

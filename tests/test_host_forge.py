@@ -1,4 +1,4 @@
-"""The Forge 2 host adapter against the Forge stand-in (tests/standins_forge.py), on the toy model.
+"""The Forge 2 host adapter against the Forge stand-in (tests/standins/forge.py), on the toy model.
 
 Each job must leave Forge exactly as it found it: the same weights (bit for bit), flags, hooks and objects,
 the user's LoRAs off while it runs and back at the next generation, the queue lock and progress state free.
@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tests import standins_forge as standins
+from tests.standins import forge as standins
 from ziplora.errors import HostError
 from ziplora.export import ExportOptions, export_merge
 from ziplora.formats import Family, LayerKey
@@ -242,7 +243,8 @@ def test_manual_cast_weight_copies_are_recomputed_not_kept_for_backward() -> Non
     """Found on a real Forge 2 (--always-cpu --unet-in-fp16): a layer that casts its fp16 weight to fp32 at each
     forward hands F.linear a fresh copy that autograd keeps until backward, the whole UNet again in fp32; the
     merge ran the machine out of memory. The session recomputes those casts in backward instead."""
-    from ziplora.hosts.forge import _recompute_casts, _restore_forwards
+    from ziplora.hosts.forge.autograd import recompute_casts as _recompute_casts
+    from ziplora.hosts.forge.autograd import restore_forwards as _restore_forwards
 
     torch.manual_seed(0)
     layer = standins.ForgeLinear(256, 128)
@@ -292,6 +294,84 @@ def test_a_merge_over_manual_cast_layers_recomputes_them_and_puts_the_forwards_b
     assert status.result["similarity_after"] != status.result["similarity_before"]  # gradients reached the mergers
     assert _hashes(forge) == before
     _assert_clean(forge)
+
+
+def _unet_tensors(world: standins.World) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer object of Forge's UNet, by module path and name."""
+    unet, _ = _models(world)
+    return {
+        f"{path}.{name}": t
+        for path, module in unet.named_modules()
+        for table in (module._parameters, module._buffers)
+        for name, t in table.items()
+        if t is not None
+    }
+
+
+def _object_state(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (t.is_inference(), t.requires_grad, t.dtype, t.device, type(t)) for k, t in tensors.items()}
+
+
+def test_the_inference_tensors_forge_built_are_the_ones_it_has_after_a_job(forge: standins.World, host: ForgeHost) -> None:
+    """Forge builds its UNet under inference mode and autograd refuses such tensors, so the job swaps them for
+    ordinary copies; afterwards the model holds the very same tensor objects again (inference tensors, same
+    values, flags, dtype, device and class), after a merge and after a failed one."""
+    forge.generate("a shape")
+    before = _unet_tensors(forge)
+    state, hashes = _object_state(before), _hashes(forge)
+    assert sum(t.is_inference() for t in before.values()) > len(before) // 2
+    swapped: dict[str, bool] = {}
+    progress = Progress()
+
+    def listen(p: Progress) -> None:
+        if p.stage.startswith("Optimising") and not swapped:
+            now = _unet_tensors(forge)
+            unet = [k for k, t in before.items() if k.startswith("diffusion_model.") and t.is_inference() and k in now]
+            swapped["all"] = bool(unet) and all(now[k] is not before[k] for k in unet)
+
+    progress.add_listener(listen)
+    assert _run(MergeService(host), _request(), progress).state == "done"
+    assert swapped == {"all": True}
+    after = _unet_tensors(forge)
+    assert after.keys() == before.keys() and [k for k in before if after[k] is not before[k]] == []
+    assert _object_state(after) == state and _hashes(forge) == hashes
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    progress, _ = _spy(forge, at_step=1, action=boom)
+    assert _run(MergeService(host), _request(output_name="again"), progress).state == "failed"
+    after = _unet_tensors(forge)
+    assert [k for k in before if after[k] is not before[k]] == [] and _object_state(after) == state and _hashes(forge) == hashes
+    _assert_clean(forge)
+
+
+def test_ordinary_tensors_hold_no_second_copy_and_put_the_same_objects_back() -> None:
+    from ziplora.hosts.forge.autograd import ordinary_tensors
+
+    with torch.inference_mode():
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        b.weight = a.weight  # one tensor in two modules
+        a.register_buffer("scale", torch.full((2,), 3.0))
+    root = torch.nn.ModuleDict({"a": a, "b": b})
+    originals = {"weight": a.weight, "a.bias": a.bias, "b.bias": b.bias, "scale": a.scale}
+    with torch.inference_mode():
+        values = {k: t.clone() for k, t in originals.items()}
+    for attempt in ("job", "failure"):
+        with pytest.raises(RuntimeError, match="boom") if attempt == "failure" else nullcontext():
+            with ordinary_tensors(root) as swapped:
+                assert swapped == 4 and b.weight is a.weight and not any(t.is_inference() for t in (a.weight, a.bias, b.bias, a.scale))
+                assert all(t.numel() == 0 for t in originals.values())  # the originals hold no memory meanwhile
+                x = torch.ones(4, requires_grad=True)
+                (a(x) * a.scale.sum()).sum().backward()  # autograd saves them
+                assert torch.allclose(x.grad, values["weight"].sum(0) * 6)
+                if attempt == "failure":
+                    raise RuntimeError("boom")
+                b.bias.data = b.bias.data.double()  # as a Forge cast or move during the job would
+        assert a.weight is originals["weight"] and b.weight is a.weight and a.bias is originals["a.bias"]
+        assert b.bias is originals["b.bias"] and a.scale is originals["scale"]
+        assert all(t.is_inference() for t in originals.values()) and b.bias.dtype == torch.float64
+        assert all(torch.equal(t.float(), values[k]) for k, t in originals.items())
 
 
 def test_v_prediction_schedule_and_unknown_predictions(forge: standins.World, host: ForgeHost) -> None:
@@ -477,6 +557,27 @@ def test_lora_dir_and_list_come_from_forge(forge: standins.World, host: ForgeHos
     assert [p.stem for p in host.list_loras()] == ["style", "subject", "user"]
     assert host.name == "forge" and ForgeHost().families == (Family.SDXL,)
     assert ForgeHost().export_defaults.base_model_version == "sdxl_base_v1-0"
+
+
+def test_settings_ziplora_reach_the_session_and_the_preview(forge: standins.World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings > ZipLoRA apply in Forge as in A1111, on the host the entry point builds (``webui_host()``, no
+    arguments), read at each use so a change needs no restart."""
+    import ziplora.hosts
+
+    monkeypatch.setattr(ziplora.hosts, "running_in_forge", lambda: True)
+    host = ziplora.hosts.webui_host()
+    assert isinstance(host, ForgeHost)
+    opts = sys.modules["modules.shared"].opts
+    opts.ziplora_resolution, opts.ziplora_guidance, opts.ziplora_preview_steps, opts.ziplora_save_previews = 48, 3.5, 2, True
+    with host.session(SessionOptions(), Progress()) as session:
+        assert (session.default_resolution, session.default_guidance) == (48, 3.5)
+    host.render(["a shape"], [(forge.lora_dir / "user.safetensors", 0.5)], 1, Progress())
+    p = forge.renders[-1]
+    assert (p.width, p.height, p.steps, p.cfg_scale, p.do_not_save_samples) == (48, 48, 2, 3.5, False)
+    opts.ziplora_preview_steps, opts.ziplora_save_previews = 3, False
+    host.render(["a shape"], [(forge.lora_dir / "user.safetensors", 0.5)], 1, Progress())
+    assert forge.renders[-1].steps == 3 and forge.renders[-1].do_not_save_samples is True
+    _assert_clean(forge)
 
 
 # -- the queue, progress and the preview ----------------------------------------------------------------------

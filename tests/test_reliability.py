@@ -1361,7 +1361,7 @@ def a1111(tmp_path: Path, untrained_model):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def forge(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from tests import standins_forge as standins
+    from tests.standins import forge as standins
 
     folder = tmp_path / "models" / "Lora"
     folder.mkdir(parents=True)

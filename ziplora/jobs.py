@@ -21,6 +21,7 @@ from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
 from ziplora.formats.lorafile import LoraFile, open_lora
 from ziplora.hosts.base import Host, ModelSession, SessionOptions, available_memory, export_defaults_for
+from ziplora.hosts.embeddings import bundled_embeddings
 from ziplora.inputs import InputOptions, TrainingInputs, data_free_inputs, reference_inputs
 from ziplora.merge.checkpointing import checkpointed
 from ziplora.merge.optimize import NonFiniteLoss, ZipOptions, ZipResult, build_parts, optimize_mergers
@@ -160,7 +161,10 @@ def _optimise(
     notes: list[str],
 ) -> ZipResult:
     with ExitStack() as stack:
-        session = stack.enter_context(host.session(SessionOptions(precision, request.gradient_checkpointing, request.resolution), progress))
+        embeddings = bundled_embeddings(content, style)  # registered by the host while prompts are encoded
+        session = stack.enter_context(
+            host.session(SessionOptions(precision, request.gradient_checkpointing, request.resolution, embeddings), progress)
+        )
 
         def trainable(key: LayerKey) -> bool:
             return key.component == "unet" or (request.merge_text_encoders and session.text_encoder_grad)

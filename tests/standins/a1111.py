@@ -1,4 +1,4 @@
-"""A stand-in of exactly the AUTOMATIC1111 v1.10.1 surface ``ziplora/hosts/a1111.py`` and ``scripts/ziplora.py``
+"""A stand-in of exactly the AUTOMATIC1111 v1.10.1 surface ``ziplora/hosts/a1111/`` and ``scripts/ziplora.py``
 use, built on the toy model.
 
 ``build_world(toy, lora_dir)`` wraps a ToyXL so it looks like ``shared.sd_model`` (an sgm ``DiffusionEngine`` as
@@ -34,6 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.a1111_apply import a1111_delta
+from tests.standins.textual_inversion import (
+    EXPECTED_SHAPE,
+    A1111EmbeddingDatabase,
+    Embedding,
+    EmbeddingsWithFixes,
+    create_embedding_from_data,
+    splice_embeddings,
+    word_ids,
+)
 from ziplora.architecture.sgm_unet import timestep_embedding
 from ziplora.schedule import ddim_sample
 from ziplora.toy.pipeline import LATENT_FACTOR, SIZE_EMBED_DIM, ToyXL
@@ -259,9 +268,16 @@ class CustomWordsEmbedder(nn.Module):
         self.wrapped = wrapped
         self.tokenizer = tokenizer
         self.pooled = pooled
+        self.hijack: list[Any] = []  # sd_hijack.model_hijack, once build_world hijacked the model
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Mirrors sd_hijack_clip.py FrozenCLIPEmbedderWithCustomWords.tokenize: ids without special tokens."""
+        return word_ids(texts)
 
     def forward(self, texts: list[str]) -> Any:
         words = [re.sub(r"[<>:]", " ", t) for t in texts]  # A1111 would not strip tags: they become words
+        if self.hijack:  # tokenize_line: embeddings found by the database, their fixes left on model_hijack
+            words, self.hijack[0].fixes = splice_embeddings(words, self.hijack[0].embedding_db)
         tokens, eos = self.tokenizer(words)
         device = next(self.parameters()).device
         tokens, eos = tokens.to(device), eos.to(device)
@@ -294,6 +310,10 @@ class GeneralConditioner(nn.Module):
     def __init__(self, embedders: list[nn.Module]) -> None:
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Mirrors modules/sd_models_xl.py tokenize (added to GeneralConditioner): the first embedder's."""
+        return next(e for e in self.embedders if hasattr(e, "tokenize")).tokenize(texts)
 
     def forward(self, batch: dict[str, Any], force_zero_embeddings: list[str] | None = None) -> dict[str, torch.Tensor]:
         force_zero_embeddings = force_zero_embeddings or []
@@ -364,6 +384,12 @@ class DiffusionEngine(nn.Module):
         # sgm freezes the text encoders (requires_grad False); A1111 never freezes the UNet (True)
         self.conditioner.requires_grad_(False)
         self.model.requires_grad_(True)
+
+    @property
+    def cond_stage_model(self) -> GeneralConditioner:
+        """modules/sd_hijack.py hijack sets ``m.cond_stage_model = conditioner`` for SDXL (a property here, so the
+        state dict names each weight once)."""
+        return self.conditioner
 
     def get_learned_conditioning(self, batch: Any) -> dict[str, torch.Tensor]:
         """Mirrors modules/sd_models_xl.py get_learned_conditioning: size from the batch (default 1024), crop
@@ -527,7 +553,7 @@ class Network:
     bundle_embeddings: dict = field(default_factory=dict)
 
 
-def _make_networks_module(shared: types.ModuleType) -> types.ModuleType:
+def _make_networks_module(shared: types.ModuleType, sd_hijack: types.ModuleType) -> types.ModuleType:
     """The built-in Lora extension's ``networks`` module (networks.py), as far as the adapter uses it."""
     mod = types.ModuleType("networks")
     mod.__doc__ = "stand-in of extensions-builtin/Lora/networks.py"
@@ -568,8 +594,16 @@ def _make_networks_module(shared: types.ModuleType) -> types.ModuleType:
         mapping = shared.sd_model.network_layer_mapping
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         keys: dict[str, str] = {}
+        bundle: dict[str, dict[str, Any]] = {}
         for tensor_key, weight in load_file(network_on_disk.filename).items():
             module_key, _, part = tensor_key.partition(".")
+            if module_key == "bundle_emb":  # textual inversions bundled in the LoRA (then unmatched, as in A1111)
+                emb_name, vec_name = part.split(".", 1)
+                emb_dict = bundle.setdefault(emb_name, {})
+                if vec_name.split(".")[0] == "string_to_param":
+                    emb_dict["string_to_param"] = {vec_name.split(".", 1)[1]: weight}
+                else:
+                    emb_dict[vec_name] = weight
             found = resolve_network_key(module_key, mapping)
             if found is None:
                 mod.unmatched.append(tensor_key)
@@ -578,6 +612,10 @@ def _make_networks_module(shared: types.ModuleType) -> types.ModuleType:
             keys[found[0]] = module_key
         for sd_key, w in grouped.items():
             net.modules[sd_key] = NetworkModuleLora(net, sd_key, keys[sd_key], w)
+        for emb_name, data in bundle.items():
+            embedding = create_embedding_from_data(data, emb_name, filename=network_on_disk.filename + "/" + emb_name)
+            embedding.loaded = None  # type: ignore[attr-defined]
+            net.bundle_embeddings[emb_name] = embedding
         return net
 
     mod.unmatched = []  # not in A1111: the keys load_network dropped
@@ -585,8 +623,15 @@ def _make_networks_module(shared: types.ModuleType) -> types.ModuleType:
     def load_networks(names: list[str], te_multipliers: list[float] | None = None, unet_multipliers: list[float] | None = None,
                       dyn_dims: list[Any] | None = None) -> None:  # fmt: skip
         """Mirrors networks.py load_networks: the loaded list becomes exactly ``names`` (aliases or names),
-        reusing loaded / in-memory networks unless the file changed; weights are applied lazily later."""
+        reusing loaded / in-memory networks unless the file changed; weights are applied lazily later. Bundled
+        embeddings: the previous set's unregistered, the new set's registered (a name from the embeddings
+        folder keeps the folder's; a width that does not fit is skipped)."""
+        emb_db = sd_hijack.model_hijack.embedding_db
         already = {net.name: net for net in mod.loaded_networks if net.name in names}
+        for net in mod.loaded_networks:  # the previous set's bundled embeddings are unregistered
+            for emb_name, embedding in net.bundle_embeddings.items():
+                if embedding.loaded:
+                    emb_db.register_embedding_by_name(None, shared.sd_model, emb_name)
         mod.loaded_networks.clear()
         if any(mod.available_network_aliases.get(n) is None for n in names):
             list_available_networks()
@@ -606,6 +651,15 @@ def _make_networks_module(shared: types.ModuleType) -> types.ModuleType:
             net.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
             net.dyn_dim = dyn_dims[i] if dyn_dims else 1.0
             mod.loaded_networks.append(net)
+            for emb_name, embedding in net.bundle_embeddings.items():  # registered unless the folder has that name
+                if embedding.loaded is None and emb_name in emb_db.word_embeddings:
+                    continue
+                embedding.loaded = False
+                if emb_db.expected_shape == -1 or emb_db.expected_shape == embedding.shape:
+                    embedding.loaded = True
+                    emb_db.register_embedding(embedding, shared.sd_model)
+                else:
+                    emb_db.skipped_embeddings[name] = embedding
 
     def store_weights_backup(weight: torch.Tensor | None) -> torch.Tensor | None:
         """Mirrors networks.py store_weights_backup: a CPU copy."""
@@ -893,6 +947,10 @@ def _make_sd_hijack(world: A1111World) -> types.ModuleType:
 
     mod.apply_optimizations = apply_optimizations
     mod.model_hijack = StableDiffusionModelHijack()
+    mod.model_hijack.embedding_db = A1111EmbeddingDatabase()  # sd_hijack.py: the textual-inversion embeddings
+    mod.model_hijack.embedding_db.expected_shape = EXPECTED_SHAPE  # as load_textual_inversion_embeddings sets it at load
+    mod.model_hijack.fixes = None
+    mod.EmbeddingsWithFixes = EmbeddingsWithFixes
     mod.model_hijack.apply_optimizations()
     return mod
 
@@ -1063,11 +1121,34 @@ def build_world(toy: ToyXL, lora_dir: Path, basedir: Path | None = None) -> A111
     for name, mod in (("processing", _make_processing(world)), ("sd_hijack", _make_sd_hijack(world))):
         world.modules[f"modules.{name}"] = mod
         setattr(package, name, mod)
-    networks = _make_networks_module(shared)
+    _hijack_embeddings(shared.sd_model, world.modules["modules.sd_hijack"].model_hijack)
+    textual_inversion = types.ModuleType("modules.textual_inversion.textual_inversion")
+    textual_inversion.__doc__ = "stand-in of modules/textual_inversion/textual_inversion.py"
+    textual_inversion.Embedding, textual_inversion.EmbeddingDatabase = Embedding, A1111EmbeddingDatabase
+    textual_inversion.create_embedding_from_data = create_embedding_from_data
+    ti_package = types.ModuleType("modules.textual_inversion")
+    ti_package.__path__ = []  # type: ignore[attr-defined]
+    ti_package.textual_inversion = textual_inversion  # type: ignore[attr-defined]
+    world.modules["modules.textual_inversion"] = package.textual_inversion = ti_package  # type: ignore[attr-defined]
+    world.modules["modules.textual_inversion.textual_inversion"] = textual_inversion
+    networks = _make_networks_module(shared, world.modules["modules.sd_hijack"])
     world.modules["networks"] = networks
     networks.assign_network_names_to_compvis_modules(shared.sd_model)
     networks.list_available_networks()
     return world
+
+
+def _hijack_embeddings(sd_model: DiffusionEngine, hijack: Any) -> None:
+    """Mirrors modules/sd_hijack.py StableDiffusionModelHijack.hijack for SDXL's text embedders: the token
+    embeddings wrapped in EmbeddingsWithFixes (key ``clip_l`` for CLIP-L, ``clip_g`` for bigG), the custom-words
+    embedders pointed at the hijack (its embedding database and fixes)."""
+    first, second = sd_model.conditioner.embedders[0], sd_model.conditioner.embedders[1]
+    clip_l = first.wrapped.transformer.text_model.embeddings
+    clip_l.token_embedding = EmbeddingsWithFixes(clip_l.token_embedding, hijack, "clip_l")
+    big_g = second.wrapped.model
+    big_g.token_embedding = EmbeddingsWithFixes(big_g.token_embedding, hijack, "clip_g")
+    first.hijack.append(hijack)
+    second.hijack.append(hijack)
 
 
 @contextmanager

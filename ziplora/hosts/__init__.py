@@ -1,7 +1,15 @@
 """Hosts: one adapter per place the model lives, all behind ``ziplora.hosts.base.Host``.
 
+- ``base.py``        the protocol (``Host``, ``ModelSession``, ``SessionOptions``) and the file-only host
+- ``toy.py``         the bundled toy model (demo, standalone tab, tests)
+- ``a1111/``         AUTOMATIC1111 v1.10.1, split by concern (its ``__init__`` lists the files)
+- ``forge/``         Forge 2, split by concern (its ``__init__`` lists the files)
+- ``settings.py``    Settings > ZipLoRA, declared and read here for both WebUIs
+- ``embeddings.py``  the source LoRAs' bundled embeddings a job hands a WebUI host, and putting a database back
+
 ``webui_host()`` picks the adapter once, when the extension loads: Forge 2 when its backend imports,
-AUTOMATIC1111 otherwise. Nothing else in the project asks which WebUI it runs in.
+AUTOMATIC1111 otherwise. Nothing else in the project asks which WebUI it runs in. Only this package imports
+WebUI modules, always inside functions.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
 from ziplora.progress import Progress
 from ziplora.schedule import Cond, NoiseSchedule
+
+if TYPE_CHECKING:
+    from ziplora.hosts.embeddings import BundledEmbedding
 
 __all__ = [
     "ModelSession",
@@ -51,6 +54,10 @@ class SessionOptions:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
     resolution: int | None = None  # the job's image size (SDXL's size conditioning); None: the host's default
+    # the source LoRAs' bundled textual-inversion embeddings: a WebUI host registers them while the session
+    # encodes prompts and takes them out afterwards (ziplora.hosts.embeddings); hosts without an embedding
+    # database (toy, files) ignore them
+    embeddings: tuple[BundledEmbedding, ...] = ()
 
 
 class ModelSession(Protocol):

@@ -1,4 +1,4 @@
-"""A stand-in of exactly the Forge 2 surface ``ziplora/hosts/forge.py`` uses, built on the toy model.
+"""A stand-in of exactly the Forge 2 surface ``ziplora/hosts/forge/`` uses, built on the toy model.
 
 ``install(lora_dir)`` puts fake ``modules.*``, ``modules_forge.*``, ``backend.*`` and ``networks`` modules into
 ``sys.modules`` (``uninstall()`` takes them out again and restores whatever was there). Every class and
@@ -33,6 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.standins.textual_inversion import (
+    EXPECTED_SHAPE,
+    EmbeddingsWithFixes,
+    ForgeEmbeddingDatabase,
+    create_embedding_from_data,
+    splice_embeddings,
+)
 from ziplora.architecture.sgm_unet import BasicTransformerBlock, UNetModel, timestep_embedding
 from ziplora.schedule import NoiseSchedule, ddim_sample
 from ziplora.toy.pipeline import SIZE_EMBED_DIM, ToyXL
@@ -506,6 +513,27 @@ class ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
 
 
+class ClassicTextProcessingEngine:
+    """``backend/text_processing/classic_engine.py`` ``ClassicTextProcessingEngine``: an ``EmbeddingDatabase`` of its
+    own (filled from the embeddings folder at load; empty here), the encoder's token embedding wrapped in
+    ``CLIPEmbeddingForTextualInversion`` (key ``clip_l`` or ``clip_g``); a call finds the embeddings in the prompts,
+    leaves their fixes on the database and encodes (here: the toy encoder's penultimate states and pooled output)."""
+
+    def __init__(self, text_encoder: nn.Module, tokenizer: Callable, embedding_key: str) -> None:
+        self.embeddings = ForgeEmbeddingDatabase(EXPECTED_SHAPE)  # sdxl.py: embedding_expected_shape=2048 for both
+        self.embedding_key = embedding_key
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        model_embeddings = text_encoder.transformer.text_model.embeddings
+        model_embeddings.token_embedding = EmbeddingsWithFixes(model_embeddings.token_embedding, self.embeddings, embedding_key)
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        words, fixes = splice_embeddings(texts, self.embeddings)
+        tokens, eos = self.tokenizer(words)
+        self.embeddings.fixes = fixes
+        return self.text_encoder.transformer(tokens, eos)
+
+
 class StableDiffusionXL:
     """``backend/diffusion_engine/sdxl.py`` ``StableDiffusionXL``: ``forge_objects`` (+ ``_original``,
     ``_after_applying_lora``), ``current_lora_hash``, ``is_sdxl``; ``get_learned_conditioning`` /
@@ -515,6 +543,10 @@ class StableDiffusionXL:
     is_sd1 = is_sd2 = is_sd3 = False
 
     def __init__(self, objects: ForgeObjects, tokenizer: Callable) -> None:
+        encoders = objects.clip.cond_stage_model
+        if hasattr(encoders, "clip_l"):  # the refiner has only clip_g
+            self.text_processing_engine_l = ClassicTextProcessingEngine(encoders.clip_l, tokenizer, "clip_l")
+        self.text_processing_engine_g = ClassicTextProcessingEngine(encoders.clip_g, tokenizer, "clip_g")
         self.forge_objects = objects
         self.forge_objects_original = objects.shallow_copy()
         self.forge_objects_after_applying_lora = objects.shallow_copy()
@@ -524,10 +556,8 @@ class StableDiffusionXL:
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt: list[str]) -> dict[str, torch.Tensor]:
         load_model_gpu(self.forge_objects.clip.patcher)
-        encoders = self.forge_objects.clip.cond_stage_model
-        tokens, eos = self.tokenizer(list(prompt))
-        cond_l, _ = encoders.clip_l.transformer(tokens, eos)
-        cond_g, pooled = encoders.clip_g.transformer(tokens, eos)
+        cond_l, _ = self.text_processing_engine_l(list(prompt))
+        cond_g, pooled = self.text_processing_engine_g(list(prompt))
         width = getattr(prompt, "width", 1024) or 1024
         height = getattr(prompt, "height", 1024) or 1024
         opts = sys.modules["modules.shared"].opts
@@ -1051,7 +1081,8 @@ _NAMES = (
     "modules", "modules.shared", "modules.call_queue", "modules.sd_models", "modules.prompt_parser",
     "modules.processing", "modules_forge", "modules_forge.forge_version", "modules_forge.main_thread",
     "backend", "backend.memory_management", "backend.operations", "backend.patcher", "backend.patcher.lora",
-    "backend.patcher.base", "backend.diffusion_engine", "backend.diffusion_engine.sdxl", "networks",
+    "backend.patcher.base", "backend.diffusion_engine", "backend.diffusion_engine.sdxl", "backend.text_processing",
+    "backend.text_processing.textual_inversion", "networks",
 )  # fmt: skip
 
 
@@ -1096,10 +1127,14 @@ def install(lora_dir: Path, factory: Callable[[], Any] | None = None, **knobs: A
     sdxl = _module("backend.diffusion_engine.sdxl", "backend/diffusion_engine/sdxl.py", StableDiffusionXL=StableDiffusionXL,
                    StableDiffusionXLRefiner=StableDiffusionXLRefiner)  # fmt: skip
     engine = _module("backend.diffusion_engine", "backend/diffusion_engine/", package=True, sdxl=sdxl)
+    ti = _module("backend.text_processing.textual_inversion", "backend/text_processing/textual_inversion.py",
+                 EmbeddingDatabase=ForgeEmbeddingDatabase, create_embedding_from_data=create_embedding_from_data)  # fmt: skip
+    text_processing = _module("backend.text_processing", "backend/text_processing/", package=True, textual_inversion=ti)
     backend = _module("backend", "backend/", package=True, memory_management=mm, operations=operations, patcher=patcher,
-                      diffusion_engine=engine)  # fmt: skip
+                      diffusion_engine=engine, text_processing=text_processing)  # fmt: skip
     for mod in (modules, shared, call_queue, sd_models, prompt_parser, processing, modules_forge, forge_version,
-                main_thread, backend, mm, operations, patcher, lora, base, engine, sdxl, _networks_module()):  # fmt: skip
+                main_thread, backend, mm, operations, patcher, lora, base, engine, sdxl, text_processing, ti,
+                _networks_module()):  # fmt: skip
         sys.modules[mod.__name__] = mod
     return w
 
