@@ -1,12 +1,14 @@
 """The HTTP API: start a merge, poll it, interrupt it, list the LoRAs it can take. WebUI-agnostic: the WebUI's
 entry point passes the FastAPI app, the service and the ``--api-auth`` credentials (A1111 and Forge alike).
 
-    POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202)
+    POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202); content and
+                                            style are names from /loras (a stem, or sub/name where stems repeat)
     GET  /ziplora/v1/jobs/{job_id}          progress, losses, and when done the written file's summary
     POST /ziplora/v1/jobs/{job_id}/interrupt
     POST /ziplora/v1/reexport               {"name", "style_multiplier"}: rewrite a ZipLoRA output from its saved
                                             mergers with a new style strength (seconds; the tab's "Write again")
-    GET  /ziplora/v1/loras                  every LoRA in the host's folder: name and a one-line summary or error
+    GET  /ziplora/v1/loras                  every LoRA in the host's folder: the name that selects it (its stem,
+                                            or its path below the folder where stems repeat), a summary or error
 
 Routes an extension adds are outside the WebUI's ``--api-auth`` (A1111 modules/api/api.py applies it only to
 its own routes), so these check the same credentials themselves: HTTP Basic, 401 with ``WWW-Authenticate``.
@@ -60,14 +62,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _plain_name(value: Any, what: str) -> str:
-    """A LoRA name as the WebUI lists it: no folders, no absolute paths (the API never reads paths)."""
+def _plain_name(value: Any, what: str, offered: Mapping[str, Path]) -> str:
+    """A LoRA name as ``/loras`` offers it (``name`` or ``sub/name``): never a path out of the folder."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequestError(f"{what} must be the name of a LoRA in the WebUI's Lora folder")
     name = value.strip()
-    if "/" in name or "\\" in name or ".." in name or ":" in name or name.startswith("~"):
+    if name in offered:
+        return name
+    if name.startswith(("/", "~")) or "\\" in name or ".." in name or ":" in name:
         raise InvalidRequestError(f"{what} {name!r} must be a LoRA name from /ziplora/v1/loras, not a path")
     return name
+
+
+def _lora(host: Any, value: Any, what: str) -> Path:
+    """The one file a LoRA name selects in the host's folder, or why not: 400 for a path-like or shared name,
+    ``_NotFound`` (404) for a name that no file has."""
+    from ziplora.lora_names import AmbiguousLoraName, lora_names, resolve_lora
+
+    name = _plain_name(value, what, lora_names(host))
+    try:
+        return resolve_lora(host, value, paths=False)  # as given: the job resolves the same text again
+    except AmbiguousLoraName:
+        raise
+    except InvalidRequestError as err:
+        if "/" in name:  # no offered name: a path, as far as the API is concerned
+            raise InvalidRequestError(f"{what} {name!r} must be a LoRA name from /ziplora/v1/loras, not a path") from None
+        raise _NotFound(str(err)) from None
+
+
+class _NotFound(ZipLoraError):
+    """A well-formed name that no file has (404)."""
 
 
 def _json_object(body: Any, fields: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -123,22 +147,22 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
         """Start a merge: content and style are LoRA names in the WebUI's Lora folder."""
         if (refused := denied(request)) is not None:
             return refused
-        from ziplora.jobs import resolve_lora
+        from ziplora.lora_names import lora_names
         from ziplora.request import MergeRequest
 
         try:
             body = _json_object(body, "content, style and output_name")
-            for field, what in (("content", "content"), ("style", "style")):
+            offered = lora_names(service.host)
+            for field in ("content", "style"):
                 if field in body:
-                    _plain_name(body[field], what)
+                    _plain_name(body[field], field, offered)
             merge_request = MergeRequest.from_dict(body)
+            for field in ("content", "style"):
+                _lora(service.host, body[field], field)
+        except _NotFound as err:
+            return error(str(err), 404)
         except ZipLoraError as err:
             return error(str(err), 400)
-        for name in (merge_request.content, merge_request.style):
-            try:
-                resolve_lora(service.host, name)
-            except ZipLoraError as err:
-                return error(str(err), 404)
         try:
             job_id = service.submit_merge(merge_request)
         except BusyError as err:
@@ -173,33 +197,36 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
         """Write a merged LoRA again with a new style multiplier, under the same name, from its saved mergers."""
         if (refused := denied(request)) is not None:
             return refused
+        from ziplora.request import ReexportRequest
+
         try:
             body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
-            name = _plain_name(body["name"], "name")
+            path = _lora(service.host, body["name"], "name")
+            wanted = ReexportRequest.from_dict(body)
+        except _NotFound as err:
+            return error(str(err), 404)
         except ZipLoraError as err:
             return error(str(err), 400)
-        path = next((p for p in service.host.list_loras() if p.stem == name), None)
-        if path is None:
-            return error(f"no LoRA named {name!r} in {service.host.lora_dir()}", 404)
         try:
-            done = service.reexport(path, body["style_multiplier"])
+            done = service.reexport(path, wanted.style_multiplier)
         except BusyError as err:
             return error(str(err), 409)
         except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
             return error(str(err), 500)
         except ZipLoraError as err:
             return error(str(err), 400)
-        return reply({"name": name, **done})
+        return reply({"name": wanted.name, **done})
 
     def loras(request: Request) -> JSONResponse:
         """Every LoRA in the host's folder: its name and a one-line summary, or why it cannot be read."""
         if (refused := denied(request)) is not None:
             return refused
         from ziplora.formats.lorafile import open_lora
+        from ziplora.lora_names import lora_names
 
         items = []
-        for path in service.host.list_loras():
-            item: dict[str, Any] = {"name": path.stem, "file": path.name}
+        for name, path in lora_names(service.host).items():
+            item: dict[str, Any] = {"name": name, "file": path.name}
             try:
                 lora = open_lora(path)
                 summary = lora.summary()
