@@ -101,13 +101,20 @@ def _kind(annotation: Any) -> tuple[str, bool]:
 
 
 # -- the checks ------------------------------------------------------------------------------------------------
+def shown(value: Any) -> str:
+    """A value as a message quotes it: 9.0 as 9, so the command line (which reads 9 as 9.0) says what JSON's 9 says."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return repr(int(value))
+    return repr(value)
+
+
 def check_number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:
     """A finite number in [lo, hi] (a whole one if ``integer``), else a one-line ``InvalidRequestError``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         kind = "a whole number" if integer else "a number"
-        raise InvalidRequestError(f"{name} must be {kind}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be {kind}, got {shown(value)}")
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise InvalidRequestError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be between {lo:g} and {hi:g}, got {shown(value)}")
 
 
 def check_value(spec: Option, value: Any) -> Any:
@@ -121,7 +128,7 @@ def check_value(spec: Option, value: Any) -> Any:
         check_number(spec.label, value, spec.lo if spec.lo is not None else -math.inf, spec.hi if spec.hi is not None else math.inf,
                      integer=spec.kind == "int")  # fmt: skip
         if spec.multiple_of and value % spec.multiple_of:
-            raise InvalidRequestError(f"{spec.label} must be a multiple of {spec.multiple_of}, got {value}")
+            raise InvalidRequestError(f"{spec.label} must be a multiple of {spec.multiple_of}, got {shown(value)}")
         return int(value) if spec.kind == "int" else value
     if spec.kind == "bool":
         if not isinstance(value, bool):
@@ -134,7 +141,7 @@ def check_value(spec: Option, value: Any) -> Any:
     if not isinstance(value, str) or (spec.max_length is not None and len(value) > spec.max_length):
         raise InvalidRequestError(f"{spec.label} must be text" + (f" under {spec.max_length} characters" if spec.max_length else ""))
     if spec.choices and value not in spec.choices:
-        raise InvalidRequestError(f"{spec.label} must be one of {', '.join(spec.choices)}, got {value!r}")
+        raise InvalidRequestError(f"{spec.label} must be one of {', '.join(spec.choices)}, got {shown(value)}")
     return value
 
 

@@ -41,8 +41,16 @@ UNSET = {"target_rank": (0, "0: exact"), "resolution": (0, "0: the model's")}  #
 CHOICE_LABELS = {"inputs": ("Data-free (each LoRA samples its own prompt)", "Reference images")}
 
 
+REQUEST: type[MergeRequest] = MergeRequest  # the request the tab builds (a test swaps in one with a field more)
+
+
 def tab_options() -> tuple[Option, ...]:
-    return options(MergeRequest, "tab")
+    return options(REQUEST, "tab")
+
+
+def zip_fields() -> tuple[str, ...]:
+    """What the Zip button sends, in this order: one control per field offered on the tab."""
+    return tuple(tab_name(o) for o in tab_options())
 
 
 def tab_name(spec: Option) -> str:
@@ -59,7 +67,7 @@ def choice_labels(spec: Option) -> dict[str, str]:
 
 
 INPUT_CHOICES = choice_labels(next(o for o in options(MergeRequest) if o.name == "inputs"))
-ZIP_FIELDS = tuple(tab_name(o) for o in tab_options())  # what the Zip button sends, in this order
+ZIP_FIELDS = zip_fields()
 
 
 def shown_default(spec: Option) -> Any:
@@ -134,4 +142,4 @@ def request_from(values: dict[str, Any], pick: Callable[[Any, str], str]) -> Mer
             fields[spec.name] = read_value(spec, values[tab_name(spec)])
     if fields["inputs"] != "images":  # images uploaded, then switched back to data-free: not part of this request
         fields.update(content_images=(), style_images=())
-    return MergeRequest(**fields).validated()
+    return REQUEST(**fields).validated()

@@ -15,7 +15,7 @@ from ziplora.errors import InvalidRequestError
 from ziplora.lora_names import lora_names
 from ziplora.request import MergeRequest, ReexportRequest, options
 from ziplora.ui import plots
-from ziplora.ui.controls import INPUT_CHOICES, ZIP_FIELDS, read_value, request_from
+from ziplora.ui.controls import INPUT_CHOICES, read_value, request_from, zip_fields
 from ziplora.ui.messages import error_html, message, progress_html, result_html
 from ziplora.ui.prompts import AUTO_NAME_SUFFIX, combine_prompts, suggest_name
 
@@ -126,7 +126,7 @@ class TabHandlers:
         same = gr.update()
         hidden = gr.update(visible=False)
         try:
-            request, subject, style = self.build_request(dict(zip(ZIP_FIELDS, values, strict=True)))
+            request, subject, style = self.build_request(dict(zip(zip_fields(), values, strict=True)))
             job = self.service.submit_merge(request)
         except Exception as err:  # noqa: BLE001 - bad requests are shown, nothing is written
             yield error_html(err), same, same, same, same, same, same, same

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ziplora.ui.compat import api_kwargs, js_kwargs
-from ziplora.ui.controls import PLACED, ZIP_FIELDS, control, tab_name, tab_options
+from ziplora.ui.controls import PLACED, control, tab_name, tab_options, zip_fields
 from ziplora.ui.handlers import ZIP_OUTPUTS, TabHandlers
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; gradio is imported lazily
@@ -166,7 +166,7 @@ def _wire(w: _Wiring, standalone: bool) -> None:
     for which in ("subject_prompt", "style_prompt"):
         w.on(which, "change", h.both_prompt, ["subject_prompt", "style_prompt"], ["both_prompt"], **silent)
     w.on("inputs", "change", h.toggle_inputs, ["inputs"], ["images_row"], **silent)
-    w.on("zip", "click", h.zip, list(ZIP_FIELDS), list(ZIP_OUTPUTS), **hidden_progress)
+    w.on("zip", "click", h.zip, list(zip_fields()), list(ZIP_OUTPUTS), **hidden_progress)
     w.on("interrupt", "click", h.interrupt, [], ["status"], **quick)
     w.on("reexport", "click", h.reexport, ["state", "style_multiplier"], ["status"], **hidden_progress)
     w.on("preview", "click", h.preview, ["state", "subject_prompt", "style_prompt", "both_prompt", "preview_seed"],
