@@ -104,8 +104,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  metadata: {len(lora.metadata)} keys ({', '.join(sorted(lora.metadata)[:6])}{', ...' if len(lora.metadata) > 6 else ''})")
     if args.layers:
         for a in layers:
-            alpha = "-" if a["alpha"] is None else f"{a['alpha']:g}"
-            print(f"  {a['layer']}: {a['kind']} rank {a['rank']} alpha {alpha}")
+            shown = "-" if a["alpha"] is None else f"{a['alpha']:g}"
+            print(f"  {a['layer']}: {a['kind']} rank {a['rank']} alpha {shown}")
     return 0
 
 

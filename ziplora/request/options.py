@@ -15,7 +15,6 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, TypeVar
 
 from ziplora.errors import InvalidRequestError
@@ -74,9 +73,17 @@ def reuse(owner: type, name: str, default: Any = REQUIRED) -> Any:
 _FILLED = ("name", "kind", "default", "required", "optional")
 
 
-@cache
 def options(cls: type, face: str | None = None) -> tuple[Option, ...]:
     """The declared fields of a request class in declaration order (only those offered on ``face`` if given)."""
+    if (cls, face) not in _DECLARED:
+        _DECLARED[cls, face] = _declared(cls, face)
+    return _DECLARED[cls, face]
+
+
+_DECLARED: dict[tuple[type, str | None], tuple[Option, ...]] = {}
+
+
+def _declared(cls: type, face: str | None) -> tuple[Option, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):

@@ -10,7 +10,7 @@ __all__ = ["gradio_major", "js_kwargs", "api_kwargs", "file_paths"]
 
 def gradio_major() -> int:
     """gradio's major version: 3 in A1111 (3.41.2), 4 in Forge (4.40.0)."""
-    import gradio as gr
+    import gradio as gr  # type: ignore[import-untyped]
 
     return int(str(gr.__version__).split(".")[0])
 

@@ -93,7 +93,7 @@ def _title(spec: Option) -> str:
 
 def control(spec: Option, **kw: Any) -> Any:
     """The gradio component for one declared field: its label, default, help (as ``info``) and element id."""
-    import gradio as gr
+    import gradio as gr  # type: ignore[import-untyped]
 
     common: dict[str, Any] = {"label": _title(spec), "elem_id": elem_id(spec), "info": spec.help, **kw}
     if spec.kind == "bool":

@@ -57,7 +57,7 @@ class TabHandlers:
 
     def refresh(self, subject: str | None, style: str | None) -> tuple[Any, Any]:
         """Rescan the folder; keep each pick if its file is still there."""
-        import gradio as gr
+        import gradio as gr  # type: ignore[import-untyped]
 
         choices = self.choices()
         keep = lambda v: v if v in choices else None  # noqa: E731

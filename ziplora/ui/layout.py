@@ -15,7 +15,7 @@ from ziplora.ui.controls import PLACED, control, tab_name, tab_options, zip_fiel
 from ziplora.ui.handlers import ZIP_OUTPUTS, TabHandlers
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; gradio is imported lazily
-    import gradio as gr
+    import gradio as gr  # type: ignore[import-untyped]
 
     from ziplora.service import MergeService
 
@@ -196,7 +196,7 @@ def build_tab(service: MergeService, *, standalone: bool = False) -> gr.Blocks:
         _output_row(w)
         _result_box(w, standalone)
         _wire(w, standalone)
-    blocks.ziplora_wiring = w  # type: ignore[attr-defined] - tests fire events through it
+    blocks.ziplora_wiring = w  # type: ignore[attr-defined]  # tests fire events through it
     return blocks
 
 

@@ -11,7 +11,7 @@ from ziplora.ui.compat import gradio_major
 from ziplora.ui.layout import build_tab
 
 if TYPE_CHECKING:  # pragma: no cover
-    import gradio as gr
+    import gradio as gr  # type: ignore[import-untyped]
 
     from ziplora.hosts.base import Host
     from ziplora.service import MergeService
