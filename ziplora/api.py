@@ -28,7 +28,7 @@ from typing import Any
 from ziplora.errors import BusyError, InvalidRequestError, JobFailed, ZipLoraError
 from ziplora.service import MergeService
 
-__all__ = ["mount", "parse_credentials", "PREFIX"]
+__all__ = ["mount", "parse_credentials", "PREFIX", "start_merge", "job_status", "interrupt_job", "reexport_lora", "list_loras"]
 
 PREFIX = "/ziplora/v1"
 
@@ -103,6 +103,113 @@ def _json_object(body: Any, fields: str, required: tuple[str, ...] = ()) -> dict
     return body
 
 
+Answer = tuple[int, dict[str, Any]]  # an HTTP status and its JSON body
+
+
+def _failed(err: BaseException | str, status: int) -> Answer:
+    return status, {"error": " ".join(str(err).split())}
+
+
+def start_merge(service: MergeService, body: Any) -> Answer:
+    """``POST /merge``: content and style are LoRA names from ``/loras``; the job runs in the background."""
+    from ziplora.lora_names import lora_names
+    from ziplora.request import MergeRequest
+
+    try:
+        body = _json_object(body, "content, style and output_name")
+        offered = lora_names(service.host)
+        for field in ("content", "style"):
+            if field in body:
+                _plain_name(body[field], field, offered)
+        request = MergeRequest.from_dict(body)
+        for field in ("content", "style"):
+            _lora(service.host, body[field], field)
+        job_id = service.submit_merge(request)
+    except _NotFound as err:
+        return _failed(err, 404)
+    except BusyError as err:
+        return _failed(err, 409)
+    except ZipLoraError as err:
+        return _failed(err, 400)
+    return 202, {"job_id": job_id, "status": f"{PREFIX}/jobs/{job_id}"}
+
+
+def job_status(service: MergeService, job_id: str) -> Answer:
+    """``GET /jobs/{id}``: state, stage, step counts, losses; the written file's summary when done."""
+    try:
+        return 200, service.status(job_id).to_dict()
+    except KeyError:
+        return _failed(f"no job {job_id!r}", 404)
+
+
+def interrupt_job(service: MergeService, job_id: str) -> Answer:
+    """``POST /jobs/{id}/interrupt``: stop a running job at its next step; nothing is written."""
+    try:
+        status = service.status(job_id)
+    except KeyError:
+        return _failed(f"no job {job_id!r}", 404)
+    if status.state == "running":
+        service.interrupt(job_id)
+    return 200, {"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"}
+
+
+def reexport_lora(service: MergeService, body: Any) -> Answer:
+    """``POST /reexport``: write a merged LoRA again with a new style multiplier, from its saved mergers."""
+    from ziplora.request import ReexportRequest
+
+    try:
+        body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
+        path = _lora(service.host, body["name"], "name")
+        wanted = ReexportRequest.from_dict(body)
+        done = service.reexport(path, wanted.style_multiplier)
+    except _NotFound as err:
+        return _failed(err, 404)
+    except BusyError as err:
+        return _failed(err, 409)
+    except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
+        return _failed(err, 500)
+    except ZipLoraError as err:
+        return _failed(err, 400)
+    return 200, {"name": wanted.name, **done}
+
+
+def list_loras(service: MergeService) -> Answer:
+    """``GET /loras``: every LoRA in the host's folder under the name that selects it, with a one-line summary
+    or why it cannot be read."""
+    from ziplora.formats.lorafile import open_lora
+    from ziplora.lora_names import lora_names
+
+    items = []
+    for name, path in lora_names(service.host).items():
+        item: dict[str, Any] = {"name": name, "file": path.name}
+        try:
+            lora = open_lora(path)
+            summary = lora.summary()
+            item.update(summary=summary.one_line(), family=summary.family, mergeable=lora.family in service.host.families,
+                        trigger_words=summary.trigger_words)  # fmt: skip
+        except ZipLoraError as err:
+            item.update(error=str(err), mergeable=False)
+        except OSError as err:
+            item.update(error=f"cannot read the file: {err.strerror or err}", mergeable=False)
+        items.append(item)
+    return 200, {"lora_dir": str(service.host.lora_dir()), "loras": items}
+
+
+def _allowed(users: Mapping[str, str], authorization: str) -> bool:
+    """HTTP Basic credentials against the ``--api-auth`` users (everyone when there are none)."""
+    if not users:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = users.get(user)
+    return expected is not None and compare_digest(password.encode(), expected.encode())
+
+
 def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] | None = None) -> None:
     """Add the routes to ``app`` (a FastAPI instance). ``credentials``: the ``--api-auth`` value, or None."""
     # no ``from __future__ import annotations`` in this module: FastAPI reads these annotations at runtime
@@ -111,27 +218,13 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
 
     users = parse_credentials(credentials)
 
-    def reply(data: Any, status: int = 200) -> JSONResponse:
+    def answer(request: Request, work: Any, *args: Any) -> JSONResponse:
+        """401 without the right credentials; else ``work(service, *args)`` as JSON."""
+        if not _allowed(users, request.headers.get("authorization", "")):
+            status, data = _failed("incorrect or missing username and password (this WebUI was started with --api-auth)", 401)
+            return JSONResponse(data, status_code=status, headers={"WWW-Authenticate": "Basic"})
+        status, data = work(service, *args)
         return JSONResponse(_jsonable(data), status_code=status)
-
-    def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
-
-    def denied(request: Request) -> JSONResponse | None:
-        if not users:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                user, password = "", ""
-            expected = users.get(user)
-            if expected is not None and compare_digest(password.encode(), expected.encode()):
-                return None
-        return error(
-            "incorrect or missing username and password (this WebUI was started with --api-auth)", 401, {"WWW-Authenticate": "Basic"}
-        )
 
     async def json_body(request: Request) -> Any:
         """The body as JSON, or an InvalidRequestError to report (read here: sync routes cannot await)."""
@@ -144,107 +237,22 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
             return InvalidRequestError("the request body is not valid JSON (nested too deeply)")
 
     def merge(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
-        """Start a merge: content and style are LoRA names in the WebUI's Lora folder."""
-        if (refused := denied(request)) is not None:
-            return refused
-        from ziplora.lora_names import lora_names
-        from ziplora.request import MergeRequest
+        return answer(request, start_merge, body)
 
-        try:
-            body = _json_object(body, "content, style and output_name")
-            offered = lora_names(service.host)
-            for field in ("content", "style"):
-                if field in body:
-                    _plain_name(body[field], field, offered)
-            merge_request = MergeRequest.from_dict(body)
-            for field in ("content", "style"):
-                _lora(service.host, body[field], field)
-        except _NotFound as err:
-            return error(str(err), 404)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        try:
-            job_id = service.submit_merge(merge_request)
-        except BusyError as err:
-            return error(str(err), 409)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        return reply({"job_id": job_id, "status": f"{PREFIX}/jobs/{job_id}"}, 202)
-
-    def job_status(job_id: str, request: Request) -> JSONResponse:
-        """Where a job is: state, stage, step counts, losses; the written file's summary when done."""
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            status = service.status(job_id)
-        except KeyError:
-            return error(f"no job {job_id!r}", 404)
-        return reply(status.to_dict())
+    def status(job_id: str, request: Request) -> JSONResponse:
+        return answer(request, job_status, job_id)
 
     def interrupt(job_id: str, request: Request) -> JSONResponse:
-        """Stop a running job at its next step; nothing is written."""
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            status = service.status(job_id)
-        except KeyError:
-            return error(f"no job {job_id!r}", 404)
-        if status.state == "running":
-            service.interrupt(job_id)
-        return reply({"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"})
+        return answer(request, interrupt_job, job_id)
 
     def reexport(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
-        """Write a merged LoRA again with a new style multiplier, under the same name, from its saved mergers."""
-        if (refused := denied(request)) is not None:
-            return refused
-        from ziplora.request import ReexportRequest
-
-        try:
-            body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
-            path = _lora(service.host, body["name"], "name")
-            wanted = ReexportRequest.from_dict(body)
-        except _NotFound as err:
-            return error(str(err), 404)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        try:
-            done = service.reexport(path, wanted.style_multiplier)
-        except BusyError as err:
-            return error(str(err), 409)
-        except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
-            return error(str(err), 500)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        return reply({"name": wanted.name, **done})
+        return answer(request, reexport_lora, body)
 
     def loras(request: Request) -> JSONResponse:
-        """Every LoRA in the host's folder: its name and a one-line summary, or why it cannot be read."""
-        if (refused := denied(request)) is not None:
-            return refused
-        from ziplora.formats.lorafile import open_lora
-        from ziplora.lora_names import lora_names
-
-        items = []
-        for name, path in lora_names(service.host).items():
-            item: dict[str, Any] = {"name": name, "file": path.name}
-            try:
-                lora = open_lora(path)
-                summary = lora.summary()
-                item.update(
-                    summary=summary.one_line(),
-                    family=summary.family,
-                    mergeable=lora.family in service.host.families,
-                    trigger_words=summary.trigger_words,
-                )
-            except ZipLoraError as err:
-                item.update(error=str(err), mergeable=False)
-            except OSError as err:
-                item.update(error=f"cannot read the file: {err.strerror or err}", mergeable=False)
-            items.append(item)
-        return reply({"lora_dir": str(service.host.lora_dir()), "loras": items})
+        return answer(request, list_loras)
 
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], status_code=202)
-    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", job_status, methods=["GET"])
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", status, methods=["GET"])
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/interrupt", interrupt, methods=["POST"])
     app.add_api_route(f"{PREFIX}/reexport", reexport, methods=["POST"])
     app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"])
