@@ -31,7 +31,7 @@ def add_flags(parser: argparse.ArgumentParser, request: type, *, files: tuple[st
         else:
             kw.update(default=spec.default, type=_reader(spec), help=f"{text} (default: {_shown(spec)})")
             if spec.kind == "paths":
-                kw.update(nargs="+", metavar="FILE")
+                kw["nargs"] = "+"
         if spec.kind != "bool":
             kw["metavar"] = "{" + ",".join(spec.choices) + "}" if spec.choices else "FILE" if spec.name in files else _METAVARS[spec.kind]
         parser.add_argument(spec.cli_flag, *spec.aliases, **kw)
@@ -68,5 +68,4 @@ def _reader(spec: Option) -> Any:
                 pass
         return text
 
-    read.__name__ = spec.label  # what argparse would name in a message
     return read
