@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, untrained_model) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """The standalone page (``ui._make_app``) served on 127.0.0.1 with a toy host over synthetic LoRAs."""
+    """The standalone page (``ui.make_app``) served on 127.0.0.1 with a toy host over synthetic LoRAs."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ziplora import ui
     from ziplora.hosts.toy import ToyHost
@@ -54,7 +54,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, untrained_model) -> Iterator[d
     write_random_lora(folder / "style.safetensors", keys, Family.TOYXL, rank=4, seed=2, scale=0.3,
                       metadata={"modelspec.trigger_phrase": "zwx style"})  # fmt: skip
     service = MergeService(ToyHost(folder, model=untrained_model))
-    blocks = ui._make_app(service)
+    blocks = ui.make_app(service)
     port = _free_port()
     blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_api=False)
     try:

@@ -163,10 +163,10 @@ def _make_world(tmp_path: Path, model: nn.Module, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(Progress, "on_change", on_change)
     real_host = cli._host
     monkeypatch.setattr(cli, "_host", lambda name, where: host if name == "toy" else real_host(name, where))
-    monkeypatch.setattr(ui, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(ui.handlers, "POLL_SECONDS", 0.01)
     # the tab's plots are tested in test_ui.py; here only its status line matters, and matplotlib is slow
-    monkeypatch.setattr(ui, "loss_figure", lambda records: None)
-    monkeypatch.setattr(ui, "similarity_figure", lambda before, after: None)
+    monkeypatch.setattr(ui.plots, "loss_figure", lambda records: None)
+    monkeypatch.setattr(ui.plots, "similarity_figure", lambda before, after: None)
     return world
 
 
@@ -335,6 +335,7 @@ def _status(html_text: Any) -> tuple[str, str]:
 
 def ui_values(subject: str, style: str, name: str, **kw: Any) -> list[Any]:
     values = {
+        **ui.controls.form_defaults(),
         "subject": subject, "style": style, "subject_prompt": "", "style_prompt": "", "inputs": next(iter(ui.INPUT_CHOICES)),
         "subject_images": None, "style_image": None, "steps": 3, "lam": 0.01, "lr": 0.01, "resolution": 0, "samples": 1,
         "sampling_steps": 2, "seed": 0, "stop_similarity": 0.01, "precision": "auto", "similarity": "dot",

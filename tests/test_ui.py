@@ -91,7 +91,7 @@ class Page:
 
 @pytest.fixture(autouse=True)
 def _fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ui, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(ui.handlers, "POLL_SECONDS", 0.02)
 
 
 @pytest.fixture()
@@ -129,7 +129,7 @@ def test_tab_builds_with_prefixed_ids_on_this_gradio(service: MergeService) -> N
 
 
 def test_gradio_version_helper_picks_the_js_keyword() -> None:
-    kw = ui._js_kwargs("() => []")
+    kw = ui.compat.js_kwargs("() => []")
     assert kw == ({"js": "() => []"} if int(gr.__version__.split(".")[0]) >= 4 else {"_js": "() => []"})
 
 
@@ -367,7 +367,7 @@ def test_standalone_app_has_the_queue_and_quick_events_skip_it(service: MergeSer
     from fastapi.testclient import TestClient
     from gradio.routes import App
 
-    app = ui._make_app(service)
+    app = ui.make_app(service)
     config = app.get_config_file()
     assert config["enable_queue"] is True or getattr(app, "enable_queue", True)
     by_trigger = {}
@@ -384,7 +384,7 @@ def test_standalone_app_has_the_queue_and_quick_events_skip_it(service: MergeSer
 
 def test_launch_standalone_uses_the_toy_host_on_localhost(monkeypatch, toy_host, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(ui, "_standalone_host", lambda lora_dir: seen.setdefault("dir", lora_dir) and toy_host)
+    monkeypatch.setattr(ui.standalone, "standalone_host", lambda lora_dir: seen.setdefault("dir", lora_dir) and toy_host)
 
     def fake_launch(self: Any, **kw: Any) -> None:
         seen.update(kw)
@@ -405,7 +405,7 @@ def test_standalone_host_copies_bundled_loras_or_says_they_are_missing(
     fake.bundled_lora_files = lambda: sorted(lora_dir.glob("*.safetensors"))  # type: ignore[attr-defined]
     fake.load_base_model = lambda: untrained_model  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ziplora.toy.assets", fake)
-    host = ui._standalone_host(str(tmp_path / "toy-loras"))
+    host = ui.standalone_host(str(tmp_path / "toy-loras"))
     assert [p.name for p in host.list_loras()] == ["style.safetensors", "subject.safetensors"]
     assert host.model is untrained_model
 
@@ -413,4 +413,4 @@ def test_standalone_host_copies_bundled_loras_or_says_they_are_missing(
     from ziplora.errors import ZipLoraError
 
     with pytest.raises(ZipLoraError, match="bundled toy model"):
-        ui._standalone_host(str(tmp_path / "other"))
+        ui.standalone_host(str(tmp_path / "other"))

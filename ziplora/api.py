@@ -1,12 +1,14 @@
 """The HTTP API: start a merge, poll it, interrupt it, list the LoRAs it can take. WebUI-agnostic: the WebUI's
 entry point passes the FastAPI app, the service and the ``--api-auth`` credentials (A1111 and Forge alike).
 
-    POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202)
+    POST /ziplora/v1/merge                  JSON MergeRequest fields -> {"job_id": ...}      (202); content and
+                                            style are names from /loras (a stem, or sub/name where stems repeat)
     GET  /ziplora/v1/jobs/{job_id}          progress, losses, and when done the written file's summary
     POST /ziplora/v1/jobs/{job_id}/interrupt
     POST /ziplora/v1/reexport               {"name", "style_multiplier"}: rewrite a ZipLoRA output from its saved
                                             mergers with a new style strength (seconds; the tab's "Write again")
-    GET  /ziplora/v1/loras                  every LoRA in the host's folder: name and a one-line summary or error
+    GET  /ziplora/v1/loras                  every LoRA in the host's folder: the name that selects it (its stem,
+                                            or its path below the folder where stems repeat), a summary or error
 
 Routes an extension adds are outside the WebUI's ``--api-auth`` (A1111 modules/api/api.py applies it only to
 its own routes), so these check the same credentials themselves: HTTP Basic, 401 with ``WWW-Authenticate``.
@@ -26,7 +28,7 @@ from typing import Any
 from ziplora.errors import BusyError, InvalidRequestError, JobFailed, ZipLoraError
 from ziplora.service import MergeService
 
-__all__ = ["mount", "parse_credentials", "PREFIX"]
+__all__ = ["mount", "parse_credentials", "PREFIX", "start_merge", "job_status", "interrupt_job", "reexport_lora", "list_loras"]
 
 PREFIX = "/ziplora/v1"
 
@@ -60,14 +62,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _plain_name(value: Any, what: str) -> str:
-    """A LoRA name as the WebUI lists it: no folders, no absolute paths (the API never reads paths)."""
+def _plain_name(value: Any, what: str, offered: Mapping[str, Path]) -> str:
+    """A LoRA name as ``/loras`` offers it (``name`` or ``sub/name``): never a path out of the folder."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequestError(f"{what} must be the name of a LoRA in the WebUI's Lora folder")
     name = value.strip()
-    if "/" in name or "\\" in name or ".." in name or ":" in name or name.startswith("~"):
+    if name in offered:
+        return name
+    if name.startswith(("/", "~")) or "\\" in name or ".." in name or ":" in name:
         raise InvalidRequestError(f"{what} {name!r} must be a LoRA name from /ziplora/v1/loras, not a path")
     return name
+
+
+def _lora(host: Any, value: Any, what: str) -> Path:
+    """The one file a LoRA name selects in the host's folder, or why not: 400 for a path-like or shared name,
+    ``_NotFound`` (404) for a name that no file has."""
+    from ziplora.lora_names import AmbiguousLoraName, lora_names, resolve_lora
+
+    name = _plain_name(value, what, lora_names(host))
+    try:
+        return resolve_lora(host, value, paths=False)  # as given: the job resolves the same text again
+    except AmbiguousLoraName:
+        raise
+    except InvalidRequestError as err:
+        if "/" in name:  # no offered name: a path, as far as the API is concerned
+            raise InvalidRequestError(f"{what} {name!r} must be a LoRA name from /ziplora/v1/loras, not a path") from None
+        raise _NotFound(str(err)) from None
+
+
+class _NotFound(ZipLoraError):
+    """A well-formed name that no file has (404)."""
 
 
 def _json_object(body: Any, fields: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -79,6 +103,113 @@ def _json_object(body: Any, fields: str, required: tuple[str, ...] = ()) -> dict
     return body
 
 
+Answer = tuple[int, dict[str, Any]]  # an HTTP status and its JSON body
+
+
+def _failed(err: BaseException | str, status: int) -> Answer:
+    return status, {"error": " ".join(str(err).split())}
+
+
+def start_merge(service: MergeService, body: Any) -> Answer:
+    """``POST /merge``: content and style are LoRA names from ``/loras``; the job runs in the background."""
+    from ziplora.lora_names import lora_names
+    from ziplora.request import MergeRequest
+
+    try:
+        body = _json_object(body, "content, style and output_name")
+        offered = lora_names(service.host)
+        for field in ("content", "style"):
+            if field in body:
+                _plain_name(body[field], field, offered)
+        request = MergeRequest.from_dict(body)
+        for field in ("content", "style"):
+            _lora(service.host, body[field], field)
+        job_id = service.submit_merge(request)
+    except _NotFound as err:
+        return _failed(err, 404)
+    except BusyError as err:
+        return _failed(err, 409)
+    except ZipLoraError as err:
+        return _failed(err, 400)
+    return 202, {"job_id": job_id, "status": f"{PREFIX}/jobs/{job_id}"}
+
+
+def job_status(service: MergeService, job_id: str) -> Answer:
+    """``GET /jobs/{id}``: state, stage, step counts, losses; the written file's summary when done."""
+    try:
+        return 200, service.status(job_id).to_dict()
+    except KeyError:
+        return _failed(f"no job {job_id!r}", 404)
+
+
+def interrupt_job(service: MergeService, job_id: str) -> Answer:
+    """``POST /jobs/{id}/interrupt``: stop a running job at its next step; nothing is written."""
+    try:
+        status = service.status(job_id)
+    except KeyError:
+        return _failed(f"no job {job_id!r}", 404)
+    if status.state == "running":
+        service.interrupt(job_id)
+    return 200, {"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"}
+
+
+def reexport_lora(service: MergeService, body: Any) -> Answer:
+    """``POST /reexport``: write a merged LoRA again with a new style multiplier, from its saved mergers."""
+    from ziplora.request import ReexportRequest
+
+    try:
+        body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
+        path = _lora(service.host, body["name"], "name")
+        wanted = ReexportRequest.from_dict(body)
+        done = service.reexport(path, wanted.style_multiplier)
+    except _NotFound as err:
+        return _failed(err, 404)
+    except BusyError as err:
+        return _failed(err, 409)
+    except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
+        return _failed(err, 500)
+    except ZipLoraError as err:
+        return _failed(err, 400)
+    return 200, {"name": wanted.name, **done}
+
+
+def list_loras(service: MergeService) -> Answer:
+    """``GET /loras``: every LoRA in the host's folder under the name that selects it, with a one-line summary
+    or why it cannot be read."""
+    from ziplora.formats.lorafile import open_lora
+    from ziplora.lora_names import lora_names
+
+    items = []
+    for name, path in lora_names(service.host).items():
+        item: dict[str, Any] = {"name": name, "file": path.name}
+        try:
+            lora = open_lora(path)
+            summary = lora.summary()
+            item.update(summary=summary.one_line(), family=summary.family, mergeable=lora.family in service.host.families,
+                        trigger_words=summary.trigger_words)  # fmt: skip
+        except ZipLoraError as err:
+            item.update(error=str(err), mergeable=False)
+        except OSError as err:
+            item.update(error=f"cannot read the file: {err.strerror or err}", mergeable=False)
+        items.append(item)
+    return 200, {"lora_dir": str(service.host.lora_dir()), "loras": items}
+
+
+def _allowed(users: Mapping[str, str], authorization: str) -> bool:
+    """HTTP Basic credentials against the ``--api-auth`` users (everyone when there are none)."""
+    if not users:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = users.get(user)
+    return expected is not None and compare_digest(password.encode(), expected.encode())
+
+
 def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] | None = None) -> None:
     """Add the routes to ``app`` (a FastAPI instance). ``credentials``: the ``--api-auth`` value, or None."""
     # no ``from __future__ import annotations`` in this module: FastAPI reads these annotations at runtime
@@ -87,27 +218,13 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
 
     users = parse_credentials(credentials)
 
-    def reply(data: Any, status: int = 200) -> JSONResponse:
+    def answer(request: Request, work: Any, *args: Any) -> JSONResponse:
+        """401 without the right credentials; else ``work(service, *args)`` as JSON."""
+        if not _allowed(users, request.headers.get("authorization", "")):
+            status, data = _failed("incorrect or missing username and password (this WebUI was started with --api-auth)", 401)
+            return JSONResponse(data, status_code=status, headers={"WWW-Authenticate": "Basic"})
+        status, data = work(service, *args)
         return JSONResponse(_jsonable(data), status_code=status)
-
-    def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
-
-    def denied(request: Request) -> JSONResponse | None:
-        if not users:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "basic":
-            try:
-                user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                user, password = "", ""
-            expected = users.get(user)
-            if expected is not None and compare_digest(password.encode(), expected.encode()):
-                return None
-        return error(
-            "incorrect or missing username and password (this WebUI was started with --api-auth)", 401, {"WWW-Authenticate": "Basic"}
-        )
 
     async def json_body(request: Request) -> Any:
         """The body as JSON, or an InvalidRequestError to report (read here: sync routes cannot await)."""
@@ -120,104 +237,22 @@ def mount(app: Any, service: MergeService, credentials: str | Mapping[str, str] 
             return InvalidRequestError("the request body is not valid JSON (nested too deeply)")
 
     def merge(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
-        """Start a merge: content and style are LoRA names in the WebUI's Lora folder."""
-        if (refused := denied(request)) is not None:
-            return refused
-        from ziplora.jobs import resolve_lora
-        from ziplora.request import MergeRequest
+        return answer(request, start_merge, body)
 
-        try:
-            body = _json_object(body, "content, style and output_name")
-            for field, what in (("content", "content"), ("style", "style")):
-                if field in body:
-                    _plain_name(body[field], what)
-            merge_request = MergeRequest.from_dict(body)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        for name in (merge_request.content, merge_request.style):
-            try:
-                resolve_lora(service.host, name)
-            except ZipLoraError as err:
-                return error(str(err), 404)
-        try:
-            job_id = service.submit_merge(merge_request)
-        except BusyError as err:
-            return error(str(err), 409)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        return reply({"job_id": job_id, "status": f"{PREFIX}/jobs/{job_id}"}, 202)
-
-    def job_status(job_id: str, request: Request) -> JSONResponse:
-        """Where a job is: state, stage, step counts, losses; the written file's summary when done."""
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            status = service.status(job_id)
-        except KeyError:
-            return error(f"no job {job_id!r}", 404)
-        return reply(status.to_dict())
+    def status(job_id: str, request: Request) -> JSONResponse:
+        return answer(request, job_status, job_id)
 
     def interrupt(job_id: str, request: Request) -> JSONResponse:
-        """Stop a running job at its next step; nothing is written."""
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            status = service.status(job_id)
-        except KeyError:
-            return error(f"no job {job_id!r}", 404)
-        if status.state == "running":
-            service.interrupt(job_id)
-        return reply({"job_id": job_id, "state": status.state, "interrupt_requested": status.state == "running"})
+        return answer(request, interrupt_job, job_id)
 
     def reexport(request: Request, body: Any = Depends(json_body)) -> JSONResponse:
-        """Write a merged LoRA again with a new style multiplier, under the same name, from its saved mergers."""
-        if (refused := denied(request)) is not None:
-            return refused
-        try:
-            body = _json_object(body, "name and style_multiplier", required=("name", "style_multiplier"))
-            name = _plain_name(body["name"], "name")
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        path = next((p for p in service.host.list_loras() if p.stem == name), None)
-        if path is None:
-            return error(f"no LoRA named {name!r} in {service.host.lora_dir()}", 404)
-        try:
-            done = service.reexport(path, body["style_multiplier"])
-        except BusyError as err:
-            return error(str(err), 409)
-        except JobFailed as err:  # the server's side failed (disk full, read-only folder): not a bad request
-            return error(str(err), 500)
-        except ZipLoraError as err:
-            return error(str(err), 400)
-        return reply({"name": name, **done})
+        return answer(request, reexport_lora, body)
 
     def loras(request: Request) -> JSONResponse:
-        """Every LoRA in the host's folder: its name and a one-line summary, or why it cannot be read."""
-        if (refused := denied(request)) is not None:
-            return refused
-        from ziplora.formats.lorafile import open_lora
-
-        items = []
-        for path in service.host.list_loras():
-            item: dict[str, Any] = {"name": path.stem, "file": path.name}
-            try:
-                lora = open_lora(path)
-                summary = lora.summary()
-                item.update(
-                    summary=summary.one_line(),
-                    family=summary.family,
-                    mergeable=lora.family in service.host.families,
-                    trigger_words=summary.trigger_words,
-                )
-            except ZipLoraError as err:
-                item.update(error=str(err), mergeable=False)
-            except OSError as err:
-                item.update(error=f"cannot read the file: {err.strerror or err}", mergeable=False)
-            items.append(item)
-        return reply({"lora_dir": str(service.host.lora_dir()), "loras": items})
+        return answer(request, list_loras)
 
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], status_code=202)
-    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", job_status, methods=["GET"])
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", status, methods=["GET"])
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/interrupt", interrupt, methods=["POST"])
     app.add_api_route(f"{PREFIX}/reexport", reexport, methods=["POST"])
     app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"])

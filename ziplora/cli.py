@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from ziplora.errors import ZipLoraError
+from ziplora.request import MergeRequest, ReexportRequest
+from ziplora.request.flags import add_flags, flag_values
 
 __all__ = ["main"]
 
@@ -33,30 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--layers", action="store_true", help="list every layer")
 
     m = sub.add_parser("merge", help="merge a subject (content) LoRA and a style LoRA")
-    m.add_argument("--method", choices=("direct", "zip"), default="zip")
-    m.add_argument("--content", required=True, help="subject LoRA file")
-    m.add_argument("--style", required=True, help="style LoRA file")
-    m.add_argument("--out", required=True, help="output .safetensors path")
-    m.add_argument("--content-weight", type=float, default=1.0)
-    m.add_argument("--style-multiplier", type=float, default=1.0)
-    m.add_argument("--rank", type=int, default=None, help="target rank for every layer (SVD)")
-    m.add_argument("--overwrite", action="store_true")
+    add_flags(m, MergeRequest, files=("content", "style"))
+    m.add_argument("--out", required=True, help="the output .safetensors path (its name is the output name)")
     m.add_argument("--host", default="toy", help="model to merge on (zip only): toy")
-    m.add_argument("--content-prompt", default="")
-    m.add_argument("--style-prompt", default="")
-    m.add_argument("--steps", type=int, default=100)
-    m.add_argument("--lam", type=float, default=0.01)
-    m.add_argument("--lr", type=float, default=0.01)
-    m.add_argument("--similarity", choices=("dot", "cos"), default="dot")
-    m.add_argument("--resolution", type=int, default=None)
-    m.add_argument("--samples", type=int, default=2)
-    m.add_argument("--sampling-steps", type=int, default=20, help="sampling steps of each LoRA alone (data-free inputs)")
-    m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print the result as JSON")
 
     r = sub.add_parser("reexport", help="rewrite a ZipLoRA output with a new style multiplier")
-    r.add_argument("output")
-    r.add_argument("--style-multiplier", type=float, required=True)
+    add_flags(r, ReexportRequest, files=("name",))
 
     d = sub.add_parser("demo", help="the whole pipeline on the bundled toy model")
     d.add_argument("--out", default="demo-out")
@@ -119,40 +104,22 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  metadata: {len(lora.metadata)} keys ({', '.join(sorted(lora.metadata)[:6])}{', ...' if len(lora.metadata) > 6 else ''})")
     if args.layers:
         for a in layers:
-            alpha = "-" if a["alpha"] is None else f"{a['alpha']:g}"
-            print(f"  {a['layer']}: {a['kind']} rank {a['rank']} alpha {alpha}")
+            shown = "-" if a["alpha"] is None else f"{a['alpha']:g}"
+            print(f"  {a['layer']}: {a['kind']} rank {a['rank']} alpha {shown}")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     from ziplora.jobs import run_merge
     from ziplora.progress import ConsoleProgress
-    from ziplora.request import MergeRequest
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ZipLoraError(f"--out must end in .safetensors, got {out.name}")
     host = _host(args.host if args.method == "zip" else "files", out.parent)
-    request = MergeRequest(
-        content=str(Path(args.content).resolve()),
-        style=str(Path(args.style).resolve()),
-        output_name=out.stem,
-        method=args.method,
-        content_prompt=args.content_prompt,
-        style_prompt=args.style_prompt,
-        style_multiplier=args.style_multiplier,
-        content_weight=args.content_weight,
-        target_rank=args.rank,
-        overwrite=args.overwrite,
-        steps=args.steps,
-        lam=args.lam,
-        lr=args.lr,
-        similarity=args.similarity,
-        resolution=args.resolution,
-        samples=args.samples,
-        sampling_steps=args.sampling_steps,
-        seed=args.seed,
-    )
+    values = flag_values(args, MergeRequest)
+    values.update(content=str(Path(args.content).resolve()), style=str(Path(args.style).resolve()), output_name=out.stem)
+    request = MergeRequest(**values)
     progress = ConsoleProgress(quiet=args.json)
     try:
         outcome = run_merge(request, host, progress, output_dir=out.parent)
@@ -204,8 +171,9 @@ def _host(name: str, folder: Path):  # type: ignore[no-untyped-def]
 def _reexport(args: argparse.Namespace) -> int:
     from ziplora.jobs import reexport
 
-    report = reexport(None, Path(args.output), args.style_multiplier)
-    print(f"rewrote {report.path} with style multiplier {args.style_multiplier:g} in {report.seconds:.2f} s (hash {report.shorthash})")
+    request = ReexportRequest(**flag_values(args, ReexportRequest)).validated()
+    report = reexport(None, Path(request.name), request.style_multiplier)
+    print(f"rewrote {report.path} with style multiplier {request.style_multiplier:g} in {report.seconds:.2f} s (hash {report.shorthash})")
     return 0
 
 

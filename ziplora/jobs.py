@@ -14,25 +14,26 @@ from pathlib import Path
 
 import torch
 
-from ziplora.errors import HostError, InvalidRequestError, JobFailed, JobInterrupted, LoraFormatError, OutputExistsError
+from ziplora.errors import HostError, InvalidRequestError, JobFailed, JobInterrupted, OutputExistsError
 from ziplora.export import ExportOptions, ExportReport, check_merge_sources, export_merge, load_mergers
 from ziplora.formats.factors import Factors
 from ziplora.formats.families import Family
 from ziplora.formats.keys import LayerKey
 from ziplora.formats.lorafile import LoraFile, open_lora
-from ziplora.hosts.base import Host, ModelSession, SessionOptions, available_memory, export_defaults_for
+from ziplora.hosts.base import ExportDefaults, Host, ModelSession, SessionOptions, available_memory, export_defaults_for
 from ziplora.hosts.embeddings import bundled_embeddings
 from ziplora.inputs import InputOptions, TrainingInputs, data_free_inputs, reference_inputs
+from ziplora.lora_names import resolve_lora
 from ziplora.merge.checkpointing import checkpointed
 from ziplora.merge.optimize import NonFiniteLoss, ZipOptions, ZipResult, build_parts, optimize_mergers
 from ziplora.merge.patch import Part, patch_layers
 from ziplora.metadata import Provenance
 from ziplora.progress import Progress
-from ziplora.request import MergeRequest, check_number, check_output_name
+from ziplora.request import MergeRequest, ReexportRequest, check_output_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeOutcome", "run_merge", "reexport", "resolve_lora", "lora_tag", "load_factors", "default_prompts"]
+__all__ = ["MergeOutcome", "run_merge", "reexport", "resolve_lora", "lora_tag", "load_factors", "default_prompts", "export_options_for"]
 
 
 @dataclass
@@ -55,20 +56,6 @@ def lora_tag(name: str, trigger_words: list[str], weight: float = 1.0) -> str:
     words = ", ".join(trigger_words)
     tag = f"<lora:{name}:{weight:g}>"
     return f"{tag} {words}" if words else tag
-
-
-def resolve_lora(host: Host, name_or_path: str) -> Path:
-    """A LoRA by file name or stem inside the host's folder (subfolders too), or by path."""
-    p = Path(name_or_path)
-    if p.is_absolute() or p.parent != Path("."):
-        if p.is_file():
-            return p
-        raise LoraFormatError(f"{name_or_path}: no such file")
-    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
-    matches = [f for f in host.list_loras() if f.stem == stem or f.name == p.name]
-    if not matches:
-        raise InvalidRequestError(f"no LoRA named {stem!r} in {host.lora_dir()}")
-    return matches[0]
 
 
 def default_prompts(host: Host, content: LoraFile, style: LoraFile) -> tuple[str, str]:
@@ -223,16 +210,7 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
     notes: list[str] = []
     zip_result: ZipResult | None = None
     defaults = host.export_defaults if len(host.families) == 1 else export_defaults_for(content.family)
-    export_options = ExportOptions(
-        content_weight=request.content_weight,
-        style_multiplier=request.style_multiplier,
-        target_rank=request.target_rank,
-        overwrite=request.overwrite,
-        base_model_version=defaults.base_model_version,
-        architecture=defaults.architecture,
-        resolution=defaults.resolution,
-        sd_version=defaults.sd_version,
-    )
+    export_options = export_options_for(request, defaults)
     if request.method == "zip":
         prompts = (
             request.content_prompt or default_prompts(host, content, style)[0],
@@ -296,11 +274,39 @@ def run_merge(request: MergeRequest, host: Host, progress: Progress, output_dir:
     return MergeOutcome(out, report, zip_result, content.name, style.name, words, timings, [*notes, *report.notes])
 
 
+def export_options_for(request: MergeRequest, defaults: ExportDefaults, write_sidecar: bool = True) -> ExportOptions:
+    """What the export takes from a request (weights, rank, overwrite) and from the model (the header's base model)."""
+    return ExportOptions(
+        content_weight=request.content_weight,
+        style_multiplier=request.style_multiplier,
+        target_rank=request.target_rank,
+        overwrite=request.overwrite,
+        base_model_version=defaults.base_model_version,
+        architecture=defaults.architecture,
+        resolution=defaults.resolution,
+        sd_version=defaults.sd_version,
+        write_sidecar=write_sidecar,
+    )
+
+
+def _header_defaults(old: LoraFile, defaults: ExportDefaults | None) -> ExportDefaults:
+    """The base model a ZipLoRA output was written for, read back from its header (the host's where missing)."""
+    fallback = defaults or ExportDefaults()
+    sidecar_version = old.sidecar.get("sd version")
+    return ExportDefaults(
+        base_model_version=old.metadata.get("ss_base_model_version", fallback.base_model_version),
+        architecture=old.metadata.get("modelspec.architecture", fallback.architecture),
+        resolution=old.metadata.get("modelspec.resolution", "1024x1024"),
+        sd_version=(sidecar_version if isinstance(sidecar_version, str) else None) or fallback.sd_version,
+    )
+
+
 def reexport(host: Host | None, output: Path, style_multiplier: float, progress: Progress | None = None) -> ExportReport:
-    """Rewrite ``output`` from its saved mergers with a new style multiplier (seconds, no optimisation)."""
+    """Rewrite ``output`` from its saved mergers with a new style multiplier (seconds, no optimisation): the merge's
+    request comes back from the saved mergers, takes the new multiplier and is checked like any other."""
     from ziplora.export import MERGERS_SUFFIX
 
-    check_number("style multiplier", style_multiplier, 0.0, 1.5)
+    wanted = ReexportRequest(str(output), style_multiplier).validated()
     check_output_name(output.stem)
     mergers_path = output.with_suffix(MERGERS_SUFFIX)
     if not output.is_file():
@@ -315,21 +321,15 @@ def reexport(host: Host | None, output: Path, style_multiplier: float, progress:
         if lora.data_hash != sha:
             raise InvalidRequestError(f"{lora.path.name} changed since the merge (its hash differs); merge again")
     old = open_lora(output, expect=families)
-    defaults = host.export_defaults if host is not None else None
     prov = saved.provenance
-    provenance = Provenance(**{**prov.__dict__, "style_multiplier": style_multiplier})
-    options = ExportOptions(
-        content_weight=prov.content_weight,
-        style_multiplier=style_multiplier,
-        target_rank=prov.target_rank,
-        overwrite=True,
-        base_model_version=old.metadata.get("ss_base_model_version", defaults.base_model_version if defaults else "sdxl_base_v1-0"),
-        architecture=old.metadata.get("modelspec.architecture", defaults.architecture if defaults else "stable-diffusion-xl-v1-base/lora"),
-        resolution=old.metadata.get("modelspec.resolution", "1024x1024"),
-        sd_version=(old.sidecar.get("sd version") if isinstance(old.sidecar.get("sd version"), str) else None)
-        or (defaults.sd_version if defaults else "SDXL"),
-        write_sidecar=not output.with_suffix(".json").exists(),  # the sidecar may hold the user's edits: keep it
-    )
+    request = MergeRequest(
+        content=str(saved.content_path), style=str(saved.style_path), output_name=output.stem, overwrite=True,
+        content_weight=prov.content_weight, style_multiplier=wanted.style_multiplier, target_rank=prov.target_rank,
+    ).validated()  # fmt: skip
+    provenance = Provenance(**{**prov.__dict__, "style_multiplier": request.style_multiplier})
+    defaults = _header_defaults(old, host.export_defaults if host is not None else None)
+    # the sidecar may hold the user's edits: keep it
+    options = export_options_for(request, defaults, write_sidecar=not output.with_suffix(".json").exists())
     report = export_merge(content, style, output, options, provenance, saved.mergers)
     if host is not None:
         host.after_write(output)
